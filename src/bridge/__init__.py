@@ -1,0 +1,3 @@
+"""bridge: budget-aware distillation through a teacher assistant."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,102 @@
+"""The ``bridge`` command line: parses arguments, calls the Python API, formats errors.
+
+No logic lives here that a notebook user could not reach through :mod:`bridge.api`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from bridge.errors import BridgeError
+
+app = typer.Typer(
+    name="bridge",
+    help="Budget-aware distillation: buy a few teacher rationales, let a local teacher assistant write the rest, train a tiny student.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+config_app = typer.Typer(help="Inspect configurations.", no_args_is_help=True)
+data_app = typer.Typer(help="List and inspect data sets.", no_args_is_help=True)
+app.add_typer(config_app, name="config")
+app.add_typer(data_app, name="data")
+
+ConfigArg = Annotated[
+    Path | None,
+    typer.Argument(help="YAML configuration file; the embedded default (quick PubMedQA run) when omitted."),
+]
+OverridesOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a setting, such as --set budget.fraction=0.1 (repeatable)."),
+]
+
+_state = {"debug": False}
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks and debug logs.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show info logs.")] = False,
+) -> None:
+    _state["debug"] = debug
+    level = logging.DEBUG if debug else logging.INFO if verbose else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _overrides(values: list[str] | None) -> list[str]:
+    return list(values or [])
+
+
+@config_app.command("show")
+def config_show(config: ConfigArg = None, overrides: OverridesOpt = None) -> None:
+    """Print the resolved configuration with every default filled in."""
+    from bridge.config import dump_config, load_config
+
+    typer.echo(dump_config(load_config(config, _overrides(overrides))), nl=False)
+
+
+@app.command("run")
+def run(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="First stage to rerun.")] = None,
+    until_stage: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
+) -> None:
+    """Run the whole pipeline: select, teach, train-ta, tutor, train-student, eval, report."""
+    from bridge import api
+
+    api.run(api.load_config(config, _overrides(overrides)), from_stage=from_stage, until_stage=until_stage)
+
+
+def main() -> None:
+    """Entry point of the ``bridge`` command: user errors print one message and exit with 2."""
+    try:
+        app(standalone_mode=False)
+    except BridgeError as exc:
+        if _state["debug"]:
+            raise
+        typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: finished work is saved; rerun the same command to resume", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # click usage errors come through here with standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise
+
+
+if __name__ == "__main__":
+    main()
