@@ -25,3 +25,19 @@ def data_dir() -> Path:
     if not raw or not Path(raw).is_dir():
         pytest.fail("real data sets not found: export BRIDGE_DATA_DIR=/path/to/shared/data")
     return Path(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    """A byte-level BPE tokenizer with SmolLM2's special tokens and chat template."""
+    from tiny_models import make_tokenizer
+
+    return make_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """A tiny 2-layer Llama saved as a Hugging Face folder."""
+    from tiny_models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-llama") / "model", arch="llama")
