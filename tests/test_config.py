@@ -78,7 +78,7 @@ def test_unknown_top_level_section(tmp_path: Path):
 
 
 def test_fraction_and_count_exclusive():
-    with pytest.raises(ConfigError, match="only one of budget.fraction and budget.count"):
+    with pytest.raises(ConfigError, match=r"only one of budget\.fraction and budget\.count"):
         load_config(None, ["budget.count=10"])
     config = load_config(None, ["budget.count=10", "budget.fraction=null"])
     assert config.budget.count == 10
