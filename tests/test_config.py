@@ -117,3 +117,12 @@ def test_dump_round_trips():
     config = load_config(None)
     again = BridgeConfig.model_validate(yaml.safe_load(dump_config(config)))
     assert again == config
+
+
+def test_configuration_reference_is_current():
+    from bridge.config_docs import render_reference
+
+    current = (REPO_ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert current == render_reference(), (
+        "docs/configuration.md is stale: run python -m bridge.config_docs docs/configuration.md"
+    )
