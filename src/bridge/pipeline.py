@@ -1,0 +1,181 @@
+"""`bridge run`: the stage order, fingerprints, skip and resume, ``--from`` and ``--until``.
+
+Each stage is a function ``run(ctx) -> dict`` in :mod:`bridge.stages`, returning a small
+summary. A stage is skipped when its folder holds a complete fingerprint equal to the one
+computed now from the stage's configuration sections and the fingerprints of the stages it
+reads; otherwise it runs, resuming whatever partial work its folder holds.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from bridge.config import BridgeConfig, dump_config
+from bridge.errors import BridgeError
+from bridge.rundir import STAGES, RunDir, atomic_write_json, fingerprint
+
+log = logging.getLogger(__name__)
+
+#: Command names (as typed after ``bridge`` and accepted by --from/--until) to stage folders.
+STAGE_COMMANDS = {
+    "select": "select",
+    "teach": "teach",
+    "train-ta": "train_ta",
+    "tutor": "tutor",
+    "train-student": "train_student",
+    "eval": "eval",
+    "report": "report",
+}
+
+#: Configuration sections each stage depends on, besides the stages it reads.
+_STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "select": ("data", "prompts", "models.ta", "selection", "budget", "seed"),
+    "teach": ("data", "prompts", "teacher", "budget"),
+    "train_ta": ("models.ta", "ta_training", "prompts"),
+    "tutor": ("tutoring", "prompts", "models.ta"),
+    "train_student": ("student", "models.student", "prompts", "seed"),
+    "eval": ("evaluation", "prompts", "models"),
+    "report": ("output",),
+}
+
+#: Stages whose outputs each stage reads.
+_STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "select": (),
+    "teach": ("select",),
+    "train_ta": ("teach",),
+    "tutor": ("train_ta", "teach", "select"),
+    "train_student": ("tutor", "select"),
+    "eval": ("train_student", "train_ta"),
+    "report": ("eval", "train_student", "tutor", "teach", "select"),
+}
+
+
+def stage_name(name: str) -> str:
+    """Map a command name (``train-ta``) or folder name (``train_ta``) to the folder name."""
+    if name in STAGE_COMMANDS:
+        return STAGE_COMMANDS[name]
+    if name in STAGES:
+        return name
+    raise BridgeError(
+        f"unknown stage '{name}'",
+        hint=f"use one of: {', '.join(STAGE_COMMANDS)}",
+    )
+
+
+def _section(config: BridgeConfig, dotted: str) -> Any:
+    node: Any = config
+    for part in dotted.split("."):
+        node = getattr(node, part)
+    return node.model_dump(mode="json") if hasattr(node, "model_dump") else node
+
+
+@dataclass
+class RunContext:
+    """What a stage needs: the configuration, the run directory and shared lazy resources."""
+
+    config: BridgeConfig
+    run: RunDir
+    yes: bool = False
+    fingerprints: dict[str, str] = field(default_factory=dict)
+
+    @cached_property
+    def data(self) -> Any:
+        """The loaded data set splits (loaded once per process)."""
+        from bridge.data import load_dataset
+
+        return load_dataset(self.config.data)
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.run.stage(stage)
+
+
+def run_dir_for(config: BridgeConfig) -> RunDir:
+    """Return the run directory of a configuration: ``<output.runs_dir>/<name>``."""
+    return RunDir(Path(config.output.runs_dir) / config.name)
+
+
+def compute_fingerprints(config: BridgeConfig) -> dict[str, str]:
+    """Fingerprint every stage from its configuration sections and its inputs' fingerprints."""
+    result: dict[str, str] = {}
+    for stage in STAGES:
+        sections = {name: _section(config, name) for name in _STAGE_SECTIONS[stage]}
+        inputs = {name: result[name] for name in _STAGE_INPUTS[stage]}
+        result[stage] = fingerprint(stage, sections, inputs)
+    return result
+
+
+def _stage_function(stage: str) -> Callable[[RunContext], dict[str, Any]]:
+    try:
+        module = importlib.import_module(f"bridge.stages.{stage}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"bridge.stages.{stage}":
+            raise BridgeError(f"the '{stage}' stage is not available in this version of bridge") from None
+        raise
+    return module.run
+
+
+def run_pipeline(
+    config: BridgeConfig,
+    *,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    only: str | None = None,
+    yes: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Run the stages in order, skipping those whose outputs are current.
+
+    ``from_stage`` reruns that stage and every later one even when current; ``until_stage``
+    stops after it; ``only`` runs one stage (after checking that its inputs are complete).
+    Returns each executed or skipped stage's summary.
+    """
+    run = run_dir_for(config)
+    run.write_metadata(dump_config(config), {"seed": config.seed})
+    ctx = RunContext(config=config, run=run, yes=yes, fingerprints=compute_fingerprints(config))
+
+    order = list(STAGES)
+    first = order.index(stage_name(from_stage)) if from_stage else 0
+    last = order.index(stage_name(until_stage)) if until_stage else len(order) - 1
+    if only is not None:
+        first = last = order.index(stage_name(only))
+        for needed in _STAGE_INPUTS[order[first]]:
+            if not run.is_done(needed, ctx.fingerprints[needed]):
+                command = next(k for k, v in STAGE_COMMANDS.items() if v == needed)
+                raise BridgeError(
+                    f"stage '{order[first]}' needs the outputs of '{needed}', which are missing or stale in {run.root}",
+                    hint=f"run 'bridge {command}' with the same configuration first, or 'bridge run' for everything",
+                )
+    if first > last:
+        raise BridgeError(f"--from {from_stage} comes after --until {until_stage}", hint="swap the two stages")
+
+    summaries: dict[str, dict[str, Any]] = {}
+    timings: dict[str, float] = {}
+    for index, stage in enumerate(order[: last + 1]):
+        expected = ctx.fingerprints[stage]
+        forced = (index >= first and from_stage is not None) or only is not None
+        if index < first or (not forced and run.is_done(stage, expected)):
+            if not run.is_done(stage, expected):
+                raise BridgeError(
+                    f"stage '{stage}' has no current outputs in {run.root}, so later stages cannot start from it",
+                    hint=f"rerun without --from, or with --from {stage}",
+                )
+            log.info("stage %s is current, skipping", stage)
+            summaries[stage] = {"skipped": True}
+            continue
+        log.info("stage %s starting", stage)
+        started = time.monotonic()
+        summary = _stage_function(stage)(ctx) or {}
+        timings[stage] = time.monotonic() - started
+        summary["seconds"] = round(timings[stage], 1)
+        atomic_write_json(run.stage(stage) / "summary.json", summary)
+        run.mark_done(stage, expected, {name: ctx.fingerprints[name] for name in _STAGE_INPUTS[stage]})
+        summaries[stage] = summary
+        log.info("stage %s finished in %.1f s", stage, timings[stage])
+    atomic_write_json(run.root / "timings.json", timings)
+    return summaries
