@@ -40,11 +40,21 @@ class FieldMapping(Section):
     context: str | None = Field(None, description="Field with the context passage, if any.")
     options: str | None = Field(
         None,
-        description="Field with the options: a list, or a mapping from letter to text (multiple choice).",
+        description=(
+            "Field with the options: a list, a mapping from letter to text, or either as a JSON string "
+            "(multiple choice)."
+        ),
+    )
+    option_fields: list[str] | None = Field(
+        None,
+        description="Fields holding one option each, in letter order A, B, C... (CSV files); instead of options.",
     )
     answer: str = Field("answer", description="Field with the gold answer.")
     explanation: str | None = Field(None, description="Field with a gold explanation, if any.")
     group: str | None = Field(None, description="Field whose rows must stay in one split, if any.")
+    scale: str | None = Field(
+        None, description="Field with the scale of a numeric answer (thousand, million, billion, percent), if any."
+    )
 
 
 class DataConfig(Section):
@@ -74,6 +84,21 @@ class DataConfig(Section):
     dev_size: int | None = Field(None, ge=1, description="Slice of the dev split, in examples; all when unset.")
     test_size: int | None = Field(None, ge=1, description="Slice of the test split, in examples; all when unset.")
     split_seed: int = Field(0, description="Seed for the splits a data set does not ship and for slices.")
+    dev_fraction: float = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="Share of the unsplit pool carved out as the dev split when the data set ships no dev split.",
+    )
+    test_fraction: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description=(
+            "Share of the unsplit pool carved out as the test split when the data set ships no separate test "
+            "file (MedQA, MMLU, a generic data set without test_file)."
+        ),
+    )
     skip_invalid: bool = Field(
         False,
         description="Skip invalid rows (written to a rejects file and counted) instead of stopping.",
@@ -91,9 +116,20 @@ class DataConfig(Section):
     )
     fields: FieldMapping = Field(default_factory=FieldMapping, description="Generic adapter: field names.")
     encoding: str = Field("utf-8", description="Generic adapter: text encoding of the files.")
+    domain: str | None = Field(
+        None, description="Generic adapter: short description of the domain for the system prompt."
+    )
     rel_tolerance: float = Field(
         1e-3, gt=0, description="Relative tolerance for numeric answers (fraction of the gold value)."
     )
+
+    @model_validator(mode="after")
+    def _fractions_leave_training_data(self) -> DataConfig:
+        if self.dev_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                "data.dev_fraction + data.test_fraction must be below 1 so that training examples remain"
+            )
+        return self
 
     def resolved_data_dir(self) -> Path:
         """Return the data directory from the configuration or the environment."""

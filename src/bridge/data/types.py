@@ -34,6 +34,13 @@ class TaskSpec:
         """True when answers come from a fixed set of labels, so options can be scored."""
         return self.format in ("multiple_choice", "yes_no_maybe", "classification")
 
+    def format_for(self, example: Example) -> TaskFormat:
+        """Return the answer format of ``example``: its own ``answer_format``, else the task's.
+
+        TAT-QA mixes numeric answers (arithmetic, count) with span answers in one task.
+        """
+        return example.answer_format or self.format
+
 
 @dataclass(frozen=True)
 class Example:
@@ -58,6 +65,8 @@ class Example:
     scale: str = ""
     #: Answer type in the source, such as "arithmetic" or "multi-span" for TAT-QA.
     answer_type: str = ""
+    #: Answer format of this example when it differs from the task's (TAT-QA: numeric or span).
+    answer_format: TaskFormat | None = None
     #: Source fields derived from gold (kept for reports, never shown in prompts).
     gold_meta: dict[str, str] = field(default_factory=dict)
     #: Non-gold source fields (subject, year, source file) for reports and filtering.
