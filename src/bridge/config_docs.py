@@ -6,8 +6,8 @@ while the file is stale.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import types
 import typing
 from pathlib import Path
@@ -114,8 +114,9 @@ def render_reference() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    target = Path(args[0]) if args else Path("docs/configuration.md")
+    parser = argparse.ArgumentParser(description="Write the configuration reference generated from the schema.")
+    parser.add_argument("target", nargs="?", default="docs/configuration.md", help="Markdown file to write.")
+    target = Path(parser.parse_args(argv).target)
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(render_reference(), encoding="utf-8")
     return 0
