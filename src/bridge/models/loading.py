@@ -80,8 +80,8 @@ _CONVERSION_MARKER = "bridge_conversion.json"
 class LocalModel:
     """A loaded causal language model with its repaired tokenizer.
 
-    ``eos_token_ids`` holds every token id that ends a generation: the end-of-sequence token
-    and the chat template's end-of-turn token.
+    ``eos_token_ids`` contains every token id that ends a generation, which includes the
+    end-of-sequence token and the chat template's end-of-turn token.
     """
 
     model: PreTrainedModel
@@ -109,7 +109,7 @@ class LocalModel:
 
 
 def cache_dir() -> Path:
-    """Return the folder that holds converted models: ``$BRIDGE_CACHE_DIR/models`` or ``~/.cache/bridge/models``."""
+    """Return the folder for converted models: ``$BRIDGE_CACHE_DIR/models`` or ``~/.cache/bridge/models``."""
     raw = os.environ.get(CACHE_DIR_ENV)
     root = Path(raw).expanduser() if raw else Path.home() / ".cache" / "bridge"
     return root / "models"
@@ -220,8 +220,8 @@ def convert_gguf(gguf_path: Path, target: Path, *, ref: str | None = None) -> Pa
     """Convert a GGUF file once into a Hugging Face folder (fp32 safetensors, tokenizer, chat template).
 
     transformers can load a GGUF file but cannot save the loaded model, so the weights are copied
-    into a model built from the same configuration, saved, reloaded and checked: the reloaded
-    model's logits on a fixed prompt must match the GGUF model's within 1e-4. The folder is
+    into a model built from the same configuration, saved and reloaded. The reloaded model's
+    logits on a fixed prompt must match the GGUF model's within 1e-4. The folder is
     written under a temporary name and renamed when complete, so a kill never leaves a partial
     folder, and a file lock keeps two processes from converting at once.
     """
@@ -241,7 +241,7 @@ def convert_gguf(gguf_path: Path, target: Path, *, ref: str | None = None) -> Pa
         if _is_complete(target):
             return target
         if target.exists():
-            # A folder without the marker was not written by this function; it is replaced.
+            # A folder without the marker is not from a finished conversion, so it is replaced.
             log.warning("replacing incomplete model folder %s", target)
             shutil.rmtree(target)
         staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
@@ -263,7 +263,7 @@ def _convert_into(gguf_path: Path, staging: Path, ref: str) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     started = time.perf_counter()
-    log.info("converting %s into a Hugging Face folder (once; about a minute on a CPU)", gguf_path)
+    log.info("converting %s into a Hugging Face folder (done once per cache folder)", gguf_path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
         source = AutoModelForCausalLM.from_pretrained(
@@ -335,7 +335,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     """Return the torch dtype: auto is float32 on CPU and bfloat16 on GPUs that support it.
 
     bf16 matrix products are far slower than fp32 on CPUs without bf16 instructions, so CPU
-    inference and training use fp32 unless the configuration says otherwise.
+    inference and training use fp32 unless the configuration sets another dtype.
     """
     import torch
 
