@@ -193,6 +193,9 @@ class ModelsConfig(Section):
 class TeacherConfig(Section):
     """The teacher model behind an API, and how it is prompted."""
 
+    enabled: bool = Field(
+        True, description="Run the teacher stage; when false no teacher call is made and the budget may be zero."
+    )
     backend: Literal["openai", "reference", "local"] = Field(
         "reference",
         description=(
@@ -221,8 +224,18 @@ class TeacherConfig(Section):
     requests_per_minute: float | None = Field(None, gt=0, description="Request rate limit; none when unset.")
     tokens_per_minute: float | None = Field(None, gt=0, description="Token rate limit (prompt + max_tokens); none when unset.")
     max_retries: int = Field(4, ge=0, description="Retries per call for 429, 5xx, connection errors and time-outs.")
+    backoff_s: float = Field(
+        1.0, gt=0, description="Wait before the first retry, in seconds; doubled for each further retry, with jitter."
+    )
+    backoff_max_s: float = Field(
+        60.0,
+        gt=0,
+        description="Longest wait between retries, in seconds; a Retry-After longer than this ends the call's retries.",
+    )
     price_per_call: float | None = Field(
-        None, ge=0, description="Price of one call in USD for the reference backend (overrides the price table)."
+        None,
+        ge=0,
+        description="Price of one call in USD, added to any per-token price; required by the reference backend.",
     )
     prompt_price_per_mtok: float | None = Field(
         None, ge=0, description="Price in USD per million prompt tokens, overriding the price table for this model."
