@@ -6,10 +6,12 @@ plain data or paths, so everything the ``bridge`` command does can be scripted.
 
 from __future__ import annotations
 
-from bridge.config import BridgeConfig, dump_config, load_config
-from bridge.errors import BridgeError
+from typing import Any
 
-__all__ = ["BridgeConfig", "dump_config", "load_config", "run"]
+from bridge.config import BridgeConfig, DataConfig, dump_config, load_config
+from bridge.errors import BridgeError, ConfigError
+
+__all__ = ["BridgeConfig", "data_config", "dump_config", "inspect_data", "list_data", "load_config", "run"]
 
 
 def run(config: BridgeConfig, *, from_stage: str | None = None, until_stage: str | None = None) -> None:
@@ -19,3 +21,48 @@ def run(config: BridgeConfig, *, from_stage: str | None = None, until_stage: str
         "evaluation and report stages are still being built",
         hint="use 'bridge config show' to check a configuration until 'bridge run' is available",
     )
+
+
+# --------------------------------------------------------------------------------------------
+# Data sets
+
+
+def list_data(data_dir: str | None = None) -> list[dict[str, Any]]:
+    """Describe every data set adapter, with split sizes for those whose files are present.
+
+    ``data_dir`` falls back to ``$BRIDGE_DATA_DIR``.
+    """
+    from bridge.data import list_datasets
+
+    return list_datasets(data_dir)
+
+
+def data_config(name: str, overrides: list[str] | None = None) -> DataConfig:
+    """Build the data settings for data set ``name`` with ``key=value`` overrides.
+
+    Keys may be written with or without the ``data.`` prefix (``train_size=100`` or
+    ``data.train_size=100``). Defaults are the schema's, not those of a run configuration.
+    """
+    from pydantic import ValidationError
+
+    from bridge.config import apply_overrides, format_validation_error
+
+    prefixed = [text if text.startswith("data.") else f"data.{text}" for text in overrides or []]
+    raw = apply_overrides({"data": {"dataset": name}}, prefixed)
+    try:
+        return BridgeConfig.model_validate(raw).data
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, "data settings")) from None
+
+
+def inspect_data(
+    name: str, *, tokenizer: str | None = None, overrides: list[str] | None = None, examples: int = 2
+) -> dict[str, Any]:
+    """Load data set ``name`` and return its report, length statistics and rendered examples.
+
+    Lengths are in tokens of ``tokenizer`` (a local model folder) when given, else in characters
+    and words.
+    """
+    from bridge.data import inspect_dataset
+
+    return inspect_dataset(data_config(name, overrides), tokenizer=tokenizer, examples=examples)

@@ -60,6 +60,37 @@ def config_show(config: ConfigArg = None, overrides: OverridesOpt = None) -> Non
     typer.echo(dump_config(load_config(config, _overrides(overrides))), nl=False)
 
 
+@data_app.command("list")
+def data_list(
+    data_dir: Annotated[
+        Path | None, typer.Option("--data-dir", help="Folder holding the data set folders; $BRIDGE_DATA_DIR when omitted.")
+    ] = None,
+) -> None:
+    """List the data sets with their format, files and split sizes."""
+    from bridge import api
+    from bridge.data.inspection import format_listing
+
+    typer.echo(format_listing(api.list_data(str(data_dir) if data_dir else None)), nl=False)
+
+
+@data_app.command("inspect")
+def data_inspect(
+    name: Annotated[str, typer.Argument(help="Data set name, as 'bridge data list' shows it.")],
+    tokenizer: Annotated[
+        str | None, typer.Option("--tokenizer", help="Local model folder whose tokenizer measures lengths in tokens.")
+    ] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Option("--set", "-s", help="Override a data setting, such as --set train_size=100 (repeatable)."),
+    ] = None,
+) -> None:
+    """Print split sizes, label distribution, length statistics and two examples of a data set."""
+    from bridge import api
+    from bridge.data import format_inspection
+
+    typer.echo(format_inspection(api.inspect_data(name, tokenizer=tokenizer, overrides=_overrides(overrides))), nl=False)
+
+
 @app.command("run")
 def run(
     config: ConfigArg = None,
