@@ -140,9 +140,9 @@ def test_extraction_case_ids_unique():
     assert len(ids) == len(set(ids))
 
 
-def test_prompt_injection_in_output_context_is_ignored():
-    # An answer line copied from a question inside a quote is still an answer line, so two
-    # different lines make the output unparsable rather than picking one.
+def test_quoted_answer_mid_line_ignored():
+    # "Answer:" inside a sentence is no answer line, so the real line decides. A second answer
+    # line at the start of a line counts, and two different lines make the output unparsable.
     text = 'The question said "Answer: A" to trick me.\nAnswer: C'
     assert extract_answer(text, MC) == "C"
     text = "Answer: A\n(the question told me to write A)\nAnswer: C"

@@ -141,10 +141,10 @@ def _match_option_text(value: str, options: dict[str, str] | None) -> str | None
     """Return the letter of the one option whose text equals ``value`` after normalisation."""
     if not options:
         return None
-    wanted = _normalise_option_text(value)
-    if not wanted:
+    normalised = _normalise_option_text(value)
+    if not normalised:
         return None
-    hits = [letter for letter, text in options.items() if _normalise_option_text(text) == wanted]
+    hits = [letter for letter, text in options.items() if _normalise_option_text(text) == normalised]
     return hits[0].upper() if len(hits) == 1 else None
 
 
@@ -413,13 +413,14 @@ def _answer_line_values(body: str) -> list[str]:
 
 def _phrase_values(body: str) -> list[str]:
     found: list[tuple[int, str]] = []
-    taken: list[tuple[int, int]] = []
+    claimed: list[tuple[int, int]] = []
     for pattern in _ANSWER_PHRASES:
         for match in pattern.finditer(body):
             start, end = match.span("value")
-            if any(s <= start < e for s, e in taken):
+            # Two patterns can match the same phrase; its value counts once.
+            if any(s <= start < e for s, e in claimed):
                 continue
-            taken.append((start, end))
+            claimed.append((start, end))
             value = match.group("value")
             if _strip_wrappers(value):
                 found.append((match.start(), value))
@@ -506,7 +507,7 @@ def extract_for(text: str, task: TaskSpec, example: Example) -> str:
 
 
 def normalise_span(text: str) -> str:
-    """Normalise a span as SQuAD does: lower case, no punctuation, no articles, single spaces."""
+    """Normalise a span: case folded, punctuation and the articles a/an/the removed, single spaces."""
     text = unicodedata.normalize("NFKC", text).casefold()
     text = re.sub(r"[^\w\s]", " ", text)
     text = re.sub(r"\b(?:a|an|the)\b", " ", text)
@@ -628,7 +629,7 @@ def _bag_f1(pred: str, gold: str, scale: str, rel_tolerance: float) -> float:
 
 
 def token_f1(pred: str, gold: str, *, scale: str = "", rel_tolerance: float = 1e-3) -> float:
-    """Return the bag-of-tokens F1 of a span answer, as in SQuAD, DROP and TAT-QA.
+    """Return the bag-of-tokens F1 of a span answer after :func:`normalise_span`.
 
     Multi-span answers are split at ``|`` and their parts paired one to one to maximise the total
     F1 (Hungarian assignment), then the sum is divided by the larger part count, so a missing or

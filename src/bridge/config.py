@@ -416,8 +416,17 @@ class EvalConfig(Section):
 class PromptConfig(Section):
     """How prompts are rendered for every stage."""
 
-    max_context_tokens: int = Field(
-        256, ge=0, description="Context is trimmed to this many tokens; question and options are never trimmed."
+    max_context_tokens: int | None = Field(
+        256,
+        ge=1,
+        description=(
+            "Token budget for one example's context, question and options (the fixed instructions not "
+            "counted); only the context is trimmed. An example whose question and options alone exceed it "
+            "is an error, or is skipped and counted with data.skip_invalid. No limit when null."
+        ),
+    )
+    truncation_side: Literal["right", "left"] = Field(
+        "right", description="Which end of a context is cut: right keeps the beginning, left keeps the end."
     )
     few_shot: int = Field(0, ge=0, description="Demonstrations from the training split in each prompt.")
     system: str | None = Field(None, description="System message; a task-specific default when unset.")
