@@ -193,6 +193,7 @@ def format_inspection(result: dict[str, Any]) -> str:
     if task["labels"]:
         lines.append(f"labels: {', '.join(task['labels'])}")
     lines.append(f"split rules: {report['split_rules']}")
+
     lines.append("")
     lines.append("sizes and " + ("labels" if task["labels"] else "answer types") + ":")
     for split, n in report["sizes"].items():
@@ -207,6 +208,7 @@ def format_inspection(result: dict[str, Any]) -> str:
     lines.append(f"rejected rows: {rejects['count']}" + (f" (file {rejects['file']})" if rejects["file"] else ""))
     for note in report["notes"]:
         lines.append(f"note: {note}")
+
     lengths = result["lengths"]
     lines.append("")
     lines.append(f"lengths ({lengths['unit']}):")
@@ -216,6 +218,7 @@ def format_inspection(result: dict[str, Any]) -> str:
         for name, measures in fields.items():
             for unit, stats in measures.items():
                 lines.append(f"  {split:8} {name:13} {unit:10} {_format_stats(stats)}")
+
     for text in result["examples"]:
         lines.append("")
         lines.append(text)

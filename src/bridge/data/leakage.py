@@ -75,7 +75,8 @@ def _view_text(view: Mapping[str, Any]) -> str:
 
 def _fragments(text: str, fragment_chars: int) -> list[str]:
     """Return the sentences (and ##-separated items) of ``text`` that are long enough to search for."""
-    return [normalize_spaces(p) for p in _SENTENCE_END.split(text) if len(normalize_spaces(p)) >= fragment_chars]
+    pieces = (normalize_spaces(p).rstrip(".!?;: ") for p in _SENTENCE_END.split(text))
+    return [p for p in pieces if len(p) >= fragment_chars]
 
 
 def _occurs(needle: str, haystack: str) -> bool:
@@ -116,8 +117,8 @@ def check_leakage(
 
     ``allow`` names gold fields a prompt may carry on purpose, such as {"gold"} for a prompt that
     gives the answer as a hint. Texts the example's own question, context or options contain are
-    skipped. A rendered prompt also holds demonstrations and instructions, so a short gold value
-    could appear there by chance; such values are guarded only by the structural rule.
+    skipped. A rendered prompt also contains demonstrations and instructions, where a short gold
+    value can occur by chance. Such values are guarded only by the structural rule.
     """
     if isinstance(prompt, Mapping):
         extra = sorted(set(prompt) - set(PROMPT_FIELDS))

@@ -1,4 +1,4 @@
-"""What an adapter returns: examples by official split, the pool to carve, and the split rules."""
+"""The adapter result: examples by official split, the pool to carve, and the split rules."""
 
 from __future__ import annotations
 

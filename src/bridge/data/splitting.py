@@ -1,8 +1,8 @@
 """Seeded, stratified and grouped splitting with duplicate handling.
 
-Every random choice draws from a :class:`random.Random` seeded from the split seed and a
-purpose string through SHA-256, and every list is sorted by example id before it is shuffled, so
-the splits are the same on every machine and do not depend on file order or Python's ``hash()``.
+Every random choice draws from a :class:`random.Random` seeded through SHA-256 from the split
+seed and a purpose string. Every list is sorted by example id before it is shuffled. The splits
+are therefore the same on every machine and do not depend on file order or Python's ``hash()``.
 """
 
 from __future__ import annotations
@@ -129,8 +129,8 @@ def apportion(total: int, weights: dict[str, int], capacity: dict[str, int]) -> 
 def allocate(units: Sequence[Unit], targets: dict[str, int], seed: int, purpose: str) -> dict[str, list[Unit]]:
     """Assign units to the splits in ``targets`` (sizes in examples, filled in order); the rest go to "rest".
 
-    Each split's size is divided over the strata in proportion to their sizes; within a stratum,
-    the units are shuffled and each goes to the first split that still has room for all its
+    Each split's size is divided over the strata in proportion to their sizes. Within a stratum
+    the units are shuffled, and each goes to the first split that still has room for all its
     members. Sizes are exact for single examples and as close as whole groups allow otherwise.
     """
     strata: dict[str, list[Unit]] = defaultdict(list)

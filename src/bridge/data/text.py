@@ -20,6 +20,7 @@ _SPACES = re.compile(r"\s+")
 _KEY_SEPARATOR = "\x1f"
 
 
+@functools.lru_cache(maxsize=8192)
 def normalize_spaces(text: str) -> str:
     """Apply Unicode NFKC, case folding and whitespace collapsing (punctuation is kept)."""
     text = unicodedata.normalize("NFKC", text).casefold()

@@ -61,7 +61,7 @@ def check_settings(cfg: DataConfig) -> None:
     if problems:
         raise ConfigError(
             "the generic data set is not fully described: " + "; ".join(problems),
-            hint="see docs/data.md, section 'Your own data', for a complete example",
+            hint="see the generic adapter section of docs/data.md for a complete example",
         )
 
 
@@ -83,21 +83,21 @@ def load(cfg: DataConfig, root: Path | None, checker: RowChecker) -> SourceData:
     """Read the train file and the optional dev and test files."""
     check_settings(cfg)
     assert cfg.train_file is not None and cfg.format is not None
-    labels = task_labels(cfg)
     task = TaskSpec(
         name=NAME,
         format=cfg.format,
-        labels=labels,
+        labels=task_labels(cfg),
         rel_tolerance=cfg.rel_tolerance,
         domain=cfg.domain or "",
     )
-    ids = IdRegistry(checker)
-    reader = _RowReader(cfg, task, checker, ids)
+
+    reader = _RowReader(cfg, task, checker, IdRegistry(checker))
     files = {"train": cfg.train_file, "dev": cfg.dev_file, "test": cfg.test_file}
     loaded: dict[str, list[Example]] = {}
     for split, raw in files.items():
         if raw is not None:
             loaded[split] = list(reader.read(resolve_file(raw, cfg), split))
+
     carve = tuple(split for split in ("test", "dev") if split not in loaded)
     rules = ["train: the train file" + (f", minus the {' and '.join(carve)} split(s) carved from it" if carve else "")]
     for split in ("dev", "test"):
@@ -106,6 +106,7 @@ def load(cfg: DataConfig, root: Path | None, checker: RowChecker) -> SourceData:
         else:
             share = "dev_fraction" if split == "dev" else "test_fraction"
             rules.append(f"{split}: {share} of the train file, seeded and stratified")
+
     notes = []
     if "test" not in loaded:
         notes.append("test split carved from the train file (no data.test_file set)")
@@ -224,43 +225,49 @@ class _RowReader:
 
     def _example(self, record: dict[str, Any], path: Path, location: str, row: int, split: str) -> Example | None:
         check = self.checker
-        f = self.fields
-        question = _lookup(record, f.question)
+        fields = self.fields
+
+        question = _lookup(record, fields.question)
         if question is _MISSING:
-            check.reject(path, location, f.question, "missing field (question)", "add the field or set data.fields.question to the field that holds the question", record)
+            check.reject(path, location, fields.question, "missing field (question)", "add the field or set data.fields.question to the field that holds the question", record)
             return None
         if not isinstance(question, str) or not question.strip():
-            check.reject(path, location, f.question, "empty question", "write the question text, or remove the row", record)
+            check.reject(path, location, fields.question, "empty question", "write the question text, or remove the row", record)
             return None
+
         example_id = f"{NAME}/{path.stem}/{row}"
-        if f.id is not None:
-            raw_id = _lookup(record, f.id)
+        if fields.id is not None:
+            raw_id = _lookup(record, fields.id)
             if raw_id is _MISSING or raw_id is None or str(raw_id).strip() == "":
-                check.reject(path, location, f.id, "missing id", "give every row an id, or unset data.fields.id so that rows are numbered", record)
+                check.reject(path, location, fields.id, "missing id", "give every row an id, or unset data.fields.id so that rows are numbered", record)
                 return None
             example_id = str(raw_id).strip()
-        context = self._optional_text(record, f.context, path, location)
+
+        context = self._optional_text(record, fields.context, path, location)
         if context is _MISSING:
             return None
-        explanation = self._optional_text(record, f.explanation, path, location)
+        explanation = self._optional_text(record, fields.explanation, path, location)
         if explanation is _MISSING:
             return None
-        group = self._optional_text(record, f.group, path, location)
+        group = self._optional_text(record, fields.group, path, location)
         if group is _MISSING:
             return None
+
         options = None
         if self.task.format == "multiple_choice":
             options = self._options(record, path, location)
             if options is None:
                 return None
-        answer = _lookup(record, f.answer)
+
+        answer = _lookup(record, fields.answer)
         if answer is _MISSING or answer is None or (isinstance(answer, str) and not answer.strip()):
-            check.reject(path, location, f.answer, "missing answer", f"give the gold answer in field '{f.answer}', or set data.fields.answer", record)
+            check.reject(path, location, fields.answer, "missing answer", f"give the gold answer in field '{fields.answer}', or set data.fields.answer", record)
             return None
         parsed = self._gold(answer, options, record, path, location)
         if parsed is None:
             return None
         gold, scale, answer_type = parsed
+
         if not self.ids.claim(example_id, path, location, record):
             return None
         return Example(
@@ -289,20 +296,20 @@ class _RowReader:
         return _MISSING
 
     def _options(self, record: dict[str, Any], path: Path, location: str) -> dict[str, str] | None:
-        f = self.fields
-        if f.option_fields:
-            values = [_lookup(record, column) for column in f.option_fields]
-            for column, value in zip(f.option_fields, values, strict=True):
+        fields = self.fields
+        if fields.option_fields:
+            values = [_lookup(record, column) for column in fields.option_fields]
+            for column, value in zip(fields.option_fields, values, strict=True):
                 if value is _MISSING:
                     self.checker.reject(path, location, column, "missing field (option)", "add the option field or fix data.fields.option_fields", record)
                     return None
-            return parse_options(values, path, location, ",".join(f.option_fields), self.checker, record)
-        assert f.options is not None
-        value = _lookup(record, f.options)
+            return parse_options(values, path, location, ",".join(fields.option_fields), self.checker, record)
+        assert fields.options is not None
+        value = _lookup(record, fields.options)
         if value is _MISSING:
-            self.checker.reject(path, location, f.options, "missing field (options)", "add the options or set data.fields.options", record)
+            self.checker.reject(path, location, fields.options, "missing field (options)", "add the options or set data.fields.options", record)
             return None
-        return parse_options(value, path, location, f.options, self.checker, record)
+        return parse_options(value, path, location, fields.options, self.checker, record)
 
     def _gold(
         self, answer: Any, options: dict[str, str] | None, record: dict[str, Any], path: Path, location: str

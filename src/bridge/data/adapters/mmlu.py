@@ -45,6 +45,7 @@ def load(cfg: DataConfig, root: Path, checker: RowChecker) -> SourceData:
                 hint=f"choose from: {', '.join(available)}",
             )
         subjects = sorted(set(cfg.subjects))
+
     ids = IdRegistry(checker)
     fewshot: list[Example] = []
     pool: list[Example] = []
@@ -57,6 +58,7 @@ def load(cfg: DataConfig, root: Path, checker: RowChecker) -> SourceData:
             files.append(relative_name(path, root))
             examples = _read_file(path, subject, split, ids, checker)
             (fewshot if split == "dev" else pool).extend(examples)
+
     task = TaskSpec(
         name=NAME,
         format="multiple_choice",
@@ -120,5 +122,5 @@ def _read_file(path: Path, subject: str, split: str, ids: IdRegistry, checker: R
             )
         )
     if not examples and not checker.rejects:
-        raise DataError(f"{path}: the file holds no rows", hint="restore the original MMLU file")
+        raise DataError(f"{path}: the file contains no rows", hint="restore the original MMLU file")
     return examples

@@ -35,6 +35,7 @@ def load(cfg: DataConfig, root: Path, checker: RowChecker) -> SourceData:
                 f"data.answer_types: unknown TAT-QA answer type(s) {', '.join(unknown)}",
                 hint=f"choose from: {', '.join(ANSWER_TYPES)}",
             )
+
     folder = root / NAME
     ids = IdRegistry(checker)
     empty_spans = 0
@@ -50,11 +51,13 @@ def load(cfg: DataConfig, root: Path, checker: RowChecker) -> SourceData:
             examples.extend(found)
             empty_spans += removed
         parts[split] = examples
+
     notes = []
     if empty_spans:
         notes.append(f"{empty_spans} empty part(s) of multi-span answers removed (the source lists empty strings)")
-    wanted = set(cfg.answer_types or ANSWER_TYPES)
-    formats = {ANSWER_TYPES[t] for t in wanted if t in ANSWER_TYPES}
+
+    kept_types = set(cfg.answer_types or ANSWER_TYPES)
+    formats = {ANSWER_TYPES[t] for t in kept_types}
     task = TaskSpec(
         name=NAME,
         # A mixed task is "span"; numeric examples carry answer_format="numeric".
@@ -73,7 +76,7 @@ def load(cfg: DataConfig, root: Path, checker: RowChecker) -> SourceData:
         stratum=lambda example: "",
         notes=notes,
         extra={"empty_spans_removed": empty_spans},
-        keep=None if cfg.answer_types is None else (lambda example: example.answer_type in wanted),
+        keep=None if cfg.answer_types is None else (lambda example: example.answer_type in kept_types),
     )
 
 
@@ -135,6 +138,7 @@ def _read_question(
         checker.reject(path, location, "uid", "missing or empty", "restore the original question", record)
         return None, 0
     location = f"{location} (uid {uid})"
+
     question = text_field(record, "question")
     if question is None:
         checker.reject(path, location, "question", "missing or not a string", "restore the original question", record)
@@ -142,6 +146,7 @@ def _read_question(
     if not question.strip():
         checker.reject(path, location, "question", "empty question", "restore the original question or remove it", record)
         return None, 0
+
     answer_type = record.get("answer_type")
     if answer_type not in ANSWER_TYPES:
         checker.reject(
@@ -154,6 +159,7 @@ def _read_question(
     if "answer" not in record:
         checker.reject(path, location, "answer", "missing", "restore the original question", record)
         return None, 0
+
     answer = record["answer"]
     removed = 0
     if ANSWER_TYPES[answer_type] == "numeric":
@@ -171,10 +177,11 @@ def _read_question(
         if answer_type == "span" and count != 1:
             checker.reject(path, location, "answer", f"a span answer with {count} parts", "mark it multi-span or keep one part", record)
             return None, 0
-    derivation = text_field(record, "derivation") or ""
+
+    derivation = (text_field(record, "derivation") or "").strip()
     gold_meta = {"answer_from": str(record.get("answer_from", ""))}
-    if derivation.strip():
-        gold_meta["derivation"] = derivation.strip()
+    if derivation:
+        gold_meta["derivation"] = derivation
     if isinstance(record.get("rel_paragraphs"), list):
         gold_meta["rel_paragraphs"] = ", ".join(str(p) for p in record["rel_paragraphs"])
     if isinstance(record.get("req_comparison"), bool):
@@ -188,7 +195,8 @@ def _read_question(
             question=question.strip(),
             gold=gold,
             context=context,
-            explanation=derivation.strip() or None,
+            # Count derivations list the counted items separated by "##".
+            explanation=derivation.replace("##", "; ") or None,
             group=group,
             scale=scale,
             answer_type=answer_type,
