@@ -6,12 +6,23 @@ plain data or paths, so everything the ``bridge`` command does can be scripted.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from bridge.config import BridgeConfig, DataConfig, dump_config, load_config
 from bridge.errors import BridgeError, ConfigError
 
-__all__ = ["BridgeConfig", "data_config", "dump_config", "inspect_data", "list_data", "load_config", "run"]
+__all__ = [
+    "BridgeConfig",
+    "data_config",
+    "dump_config",
+    "estimate",
+    "inspect_data",
+    "ledger",
+    "list_data",
+    "load_config",
+    "run",
+]
 
 
 def run(config: BridgeConfig, *, from_stage: str | None = None, until_stage: str | None = None) -> None:
@@ -66,3 +77,34 @@ def inspect_data(
     from bridge.data import inspect_dataset
 
     return inspect_dataset(data_config(name, overrides), tokenizer=tokenizer, examples=examples)
+
+
+# --------------------------------------------------------------------------------------------
+# Teacher
+
+
+def estimate(config: BridgeConfig) -> Any:
+    """Estimate the teacher stage's calls, tokens and cost and check the budget, without any network call.
+
+    Returns a :class:`bridge.teacher.estimate.Estimate`. The prompts are those of the first
+    examples of the training pool, since the selected subset is known only after selection.
+    """
+    from bridge.data import load_dataset
+    from bridge.prompts import select_demos
+    from bridge.teacher.estimate import estimate_teacher_cost
+
+    splits = load_dataset(config.data)
+    demos = select_demos(
+        splits.fewshot or splits.train, config.prompts.few_shot, splits.task, seed=config.seed, need_explanation=True
+    )
+    return estimate_teacher_cost(splits.train, splits.task, config.teacher, config.budget, config.prompts, demos=demos)
+
+
+def ledger(run_dir: str | Path) -> Any:
+    """Summarize a run's teacher ledger: spent, reserved, cached, failed, retried, by status and model.
+
+    Returns a :class:`bridge.teacher.ledger.LedgerSummary`; reading is safe while a run writes.
+    """
+    from bridge.teacher.ledger import summarize_ledger
+
+    return summarize_ledger(Path(run_dir))

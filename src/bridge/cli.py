@@ -104,6 +104,29 @@ def run(
     api.run(api.load_config(config, _overrides(overrides)), from_stage=from_stage, until_stage=until_stage)
 
 
+@app.command("merge")
+def merge(
+    adapter_dir: Annotated[Path, typer.Argument(help="LoRA adapter folder written by fine-tuning (its 'adapter' folder).")],
+    out_dir: Annotated[Path, typer.Argument(help="Folder for the merged Hugging Face model; must be new or an earlier merge.")],
+    base: Annotated[
+        str | None,
+        typer.Option("--base", help="Base model reference; by default the base recorded in the adapter folder."),
+    ] = None,
+) -> None:
+    """Merge a LoRA adapter into its base model; checks that weights changed and logits match."""
+    import json
+
+    from bridge import api
+    from bridge.models.merge import MERGE_FILE
+
+    path = api.merge(adapter_dir, out_dir, base=base)
+    report = json.loads((path / MERGE_FILE).read_text(encoding="utf-8"))
+    typer.echo(
+        f"merged model written to {path} ({report['changed_tensors']} tensors changed, "
+        f"maximum logit difference {report['max_logit_diff']:.2g})"
+    )
+
+
 def main() -> None:
     """Entry point of the ``bridge`` command: user errors print one message and exit with 2."""
     try:
