@@ -21,6 +21,7 @@ __all__ = [
     "ledger",
     "list_data",
     "load_config",
+    "merge",
     "run",
 ]
 
@@ -77,6 +78,21 @@ def inspect_data(
     from bridge.data import inspect_dataset
 
     return inspect_dataset(data_config(name, overrides), tokenizer=tokenizer, examples=examples)
+
+
+# --------------------------------------------------------------------------------------------
+# Models
+
+
+def merge(adapter_dir: str | Path, out_dir: str | Path, *, base: str | None = None) -> Path:
+    """Merge a LoRA adapter into its base model and write a verified Hugging Face folder.
+
+    ``base`` is a model reference (folder, hub id or ``packaged:...``); by default the base
+    that fine-tuning recorded in the adapter folder. Returns ``out_dir``.
+    """
+    from bridge.models.merge import merge_adapter
+
+    return merge_adapter(Path(adapter_dir), Path(out_dir), base=base)
 
 
 # --------------------------------------------------------------------------------------------

@@ -127,6 +127,33 @@ def merge(
     )
 
 
+@app.command("estimate")
+def estimate(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the estimate as JSON.")] = False,
+) -> None:
+    """Estimate the teacher's calls, tokens and cost and check the budget, without any network call."""
+    import json
+
+    from bridge import api
+    from bridge.teacher.estimate import estimate_dict, format_estimate
+
+    result = api.estimate(api.load_config(config, _overrides(overrides)))
+    typer.echo(json.dumps(estimate_dict(result), indent=2) if as_json else format_estimate(result))
+
+
+@app.command("ledger")
+def ledger(
+    run_dir: Annotated[Path, typer.Argument(help="Run directory (holding ledger.sqlite) or the ledger file itself.")],
+) -> None:
+    """Show a run's teacher spending: spent, reserved, cached, failed and retried, by status and model."""
+    from bridge import api
+    from bridge.teacher.ledger import format_ledger_summary
+
+    typer.echo(format_ledger_summary(api.ledger(run_dir)))
+
+
 def main() -> None:
     """Entry point of the ``bridge`` command: user errors print one message and exit with 2."""
     try:

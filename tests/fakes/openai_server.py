@@ -28,6 +28,7 @@ Fault kinds, and whether the server bills the request:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -285,7 +286,7 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     fake: FakeOpenAIServer
 
-    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - BaseHTTPRequestHandler's name
+    def log_message(self, format: str, *args: Any) -> None:
         pass
 
     def do_GET(self) -> None:
@@ -377,10 +378,8 @@ class _Handler(BaseHTTPRequestHandler):
 
         if kind == "drop_after_bill":
             self.close_connection = True
-            try:
+            with contextlib.suppress(OSError):
                 self.connection.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
             return
         if kind == "bad_gateway":
             self._send_json(502, {"error": {"message": "upstream connection reset", "type": "bad_gateway"}})

@@ -569,3 +569,35 @@ def _summarize(conn: sqlite3.Connection, path: Path) -> LedgerSummary:
         if label:
             summary.labels[label] = summary.labels.get(label, 0) + 1
     return summary
+
+
+def format_ledger_summary(summary: LedgerSummary) -> str:
+    """Render a ledger summary as the text ``bridge ledger`` prints."""
+    lines = [
+        f"ledger: {summary.path}",
+        f"spent: {summary.spent_usd:.6f} USD for {summary.responses} response(s)",
+        f"reserved (in flight or in doubt, counted as spent): {summary.in_doubt_usd:.6f} USD "
+        f"in {summary.in_doubt} attempt(s)",
+        f"counted against the budget: {summary.total_usd:.6f} USD, {summary.calls} call(s), {summary.tokens} token(s)",
+        f"cached: {summary.cached} request(s) served from stored responses at no cost",
+        f"failed: {summary.rejected} rejected without charge, {summary.in_doubt} in doubt",
+        f"retried: {summary.retried} attempt(s) were retries",
+        "by status:",
+    ]
+    for status, entry in sorted(summary.by_status.items()):
+        lines.append(
+            f"  {status:<10} {int(entry['attempts']):>6} attempt(s) {entry['usd']:>12.6f} USD {int(entry['tokens']):>10} tokens"
+        )
+    lines.append("by model:")
+    for model, entry in sorted(summary.by_model.items()):
+        lines.append(
+            f"  {model:<24} {int(entry['calls']):>6} call(s) {entry['usd']:>12.6f} USD {int(entry['tokens']):>10} tokens"
+        )
+    if summary.labels:
+        lines.append("label checks: " + ", ".join(f"{k} {v}" for k, v in sorted(summary.labels.items())))
+    lines.append("endpoints that received data:")
+    if not summary.endpoints:
+        lines.append("  none")
+    for endpoint, count in sorted(summary.endpoints.items()):
+        lines.append(f"  {endpoint} ({count} request(s))")
+    return "\n".join(lines)
