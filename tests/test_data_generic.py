@@ -120,6 +120,16 @@ def test_tsv_label_map_and_encoding(tmp_path: Path):
     assert (first.question, first.gold) == ("Caf\u00e9 chain 0 reports results", "bearish")
 
 
+@pytest.mark.parametrize(("encoding", "data"), [("utf-8", "\ufeff"), ("utf-16", "")])
+def test_bom_and_utf16_files(tmp_path: Path, encoding: str, data: str):
+    text = data + "question,answer\nIs the café open?,yes\nIs it\u2028late?,no\n"
+    path = tmp_path / "enc.csv"
+    path.write_bytes(text.encode(encoding))
+    splits = load_dataset(_cfg(tmp_path, train_file="enc.csv", format="yes_no_maybe", encoding=encoding))
+    questions = {e.id: e.question for e in splits.train + splits.dev + splits.test}
+    assert questions == {"generic/enc/0": "Is the café open?", "generic/enc/1": "Is it\u2028late?"}
+
+
 def test_wrong_encoding_names_line(tmp_path: Path):
     path = tmp_path / "sent.csv"
     path.write_bytes("question,answer\nIs it fine?,yes\nCaf\u00e9 open?,no\n".encode("latin-1"))
@@ -191,6 +201,15 @@ def test_named_dataset_missing_folder(tmp_path: Path):
     assert "tatqa" in message
     assert str(tmp_path / "tatqa") in message
     assert "BRIDGE_DATA_DIR" in message
+
+
+def test_no_data_dir_names_variable(monkeypatch):
+    monkeypatch.delenv("BRIDGE_DATA_DIR", raising=False)
+    with pytest.raises(DataError) as info:
+        load_dataset(DataConfig(dataset="pubmedqa_pqal"))
+    message = str(info.value)
+    assert "pubmedqa_pqal" in message
+    assert "export BRIDGE_DATA_DIR=" in message
 
 
 def test_incomplete_generic_settings(tmp_path: Path):

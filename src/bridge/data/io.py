@@ -11,16 +11,29 @@ import codecs
 import csv
 import json
 import logging
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, AnyStr
 
 from bridge.config import DATA_DIR_ENV
 from bridge.errors import DataError
 
 log = logging.getLogger(__name__)
+
+_LINE_ENDS = re.compile(r"(?<=\n)")
+_BYTE_LINE_ENDS = re.compile(rb"(?<=\n)")
+
+
+def _split_lines(data: AnyStr) -> list[AnyStr]:
+    """Split after each "\n", keeping line endings; no trailing empty line."""
+    if not data:
+        return []
+    pattern = _BYTE_LINE_ENDS if isinstance(data, bytes) else _LINE_ENDS
+    parts = pattern.split(data)  # type: ignore[arg-type]
+    return parts[:-1] if not parts[-1] else parts
 
 
 @dataclass(frozen=True)
@@ -132,9 +145,22 @@ def decode_lines(
     """
     _check_encoding(encoding)
     data = read_bytes(path, dataset)
+    try:
+        text = data.decode(encoding)
+    except UnicodeDecodeError:
+        pass
+    else:
+        # Split on "\n" only: str.splitlines() would also split on form feeds and U+2028 inside
+        # fields. Decoding the whole file first also serves encodings such as UTF-16, whose
+        # bytes cannot be split into lines before decoding.
+        if encoding.lower().replace("_", "-") == "utf-8":
+            text = text.removeprefix("\ufeff")
+        return _split_lines(text), set()
+
+    # Some line is undecodable: decode line by line to find and report each bad line.
     lines: list[str] = []
     bad: set[int] = set()
-    raw_lines = data.splitlines(keepends=True)
+    raw_lines = _split_lines(data)
     for number, raw in enumerate(raw_lines, start=1):
         try:
             text = raw.decode(encoding)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -81,6 +82,12 @@ def load_dataset(cfg: DataConfig, *, rejects_dir: Path | None = None) -> Dataset
 def _data_root(cfg: DataConfig, needs_folder: bool) -> Path | None:
     if not needs_folder:
         return None
+    if not (cfg.data_dir or os.environ.get(DATA_DIR_ENV)):
+        raise DataError(
+            f"data set '{cfg.dataset}': no data directory is set",
+            hint=f"set data.data_dir in the configuration or export {DATA_DIR_ENV}=/path/to/data "
+            f"(the folder that holds the '{cfg.dataset}' folder)",
+        )
     root = cfg.resolved_data_dir()
     if not root.is_dir():
         raise DataError(
