@@ -121,6 +121,8 @@ EXTRACTION_CASES = [
     ("multi-span", SPAN, "Answer: Fixed Price | Other", None, "", "Fixed Price | Other"),
     ("span-number", SPAN, "Answer: $1,496.5", None, "million", "1496.5"),
     ("span-phrase-sentence", SPAN, "I checked the table, so the answer is fixed price contracts. Then more.", None, "", "fixed price contracts"),
+    ("span-phrase-inside-line", SPAN, "Answer: The answer is Fixed Price.", None, "", "Fixed Price"),
+    ("numeric-phrase-inside-line", NUMERIC, "Answer: the final answer is $3.2 million", None, "million", "3.2"),
     ("span-without-answer-line", SPAN, "Fixed Price", None, "", UNPARSABLE),
     ("span-two-lines-differ", SPAN, "Answer: Fixed Price\nAnswer: Other", None, "", UNPARSABLE),
 ]
@@ -232,6 +234,9 @@ NUMBER_CASES = [
     ("us-dollar", "US$ 3", "3", None),
     ("euro-million", "€3.2 million", "3.2", "million"),
     ("parentheses", "(1,234)", "-1234", None),
+    ("parentheses-then-scale", "(114) million", "-114", "million"),
+    ("scale-inside-parentheses", "(1.6 million)", "-1.6", "million"),
+    ("scale-twice", "(1.6 million) million", None, None),
     ("negative-percent", "-3.2%", "-3.2", "percent"),
     ("percentage-points", "2.5 percentage points", "2.5", "percent"),
     ("thousand-word", "12 thousand", "12", "thousand"),

@@ -436,6 +436,23 @@ def test_render_text_plain_fallback(tiny_tokenizer):
     assert render_text(rendered, None) == text
 
 
+NO_SYSTEM_TEMPLATE = (
+    "{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+
+
+def test_template_without_system_role(tiny_tokenizer):
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    tokenizer.chat_template = NO_SYSTEM_TEMPLATE
+    rendered = render_messages(_example(), PUBMEDQA, style="answer_only", system="Be brief.")
+    text = render_text(rendered, tokenizer)
+    assert text.startswith("<|im_start|>user\nBe brief.\n\nContext:\n")
+    assert text.count("<|im_start|>") == 2
+    assert scoring_prompt(rendered, tokenizer).endswith("<|im_start|>assistant\nAnswer:")
+
+
 def _bos_adding_tokenizer(tiny_tokenizer, template: str | None):
     tokenizer = copy.deepcopy(tiny_tokenizer)
     tokenizer.bos_token = "<|endoftext|>"
@@ -568,3 +585,45 @@ def test_real_medqa_and_twitter_rows_render(data_dir, tiny_tokenizer):
     example = Example(id="tw/0", question=tweet["text"], gold=SENTIMENT.labels[int(tweet["label"])])
     text = render_text(render_messages(example, SENTIMENT, style="answer_only"), tiny_tokenizer)
     assert tweet["text"].strip() in text
+
+
+# --------------------------------------------------------------------------------------------
+# Every real data set through the data loader
+
+REAL_DATASETS = ["pubmedqa_pqal", "medqa_usmle4_test", "mmlu_law_med_fin", "tatqa", "twitter_fin_sentiment"]
+
+
+@pytest.fixture(scope="module")
+def real_splits(data_dir):
+    from bridge.config import DataConfig
+    from bridge.data import load_dataset
+
+    return {name: load_dataset(DataConfig(dataset=name, data_dir=str(data_dir))) for name in REAL_DATASETS}
+
+
+@pytest.mark.parametrize("name", REAL_DATASETS)
+def test_real_gold_round_trips(real_splits, name):
+    # Every gold answer, written as a training target, is read back by the extractor as correct.
+    splits = real_splits[name]
+    failures = []
+    for example in [*splits.train, *splits.dev, *splits.test]:
+        completion = format_target("Reasoning with 3 numbers: 1, 2 and 3.", target_answer(example, splits.task))
+        pred = extract_for(completion, splits.task, example)
+        if not is_correct_for(pred, splits.task, example):
+            failures.append((example.id, example.gold, pred))
+    assert failures == []
+
+
+@pytest.mark.parametrize("name", REAL_DATASETS)
+def test_real_prompts_pass_leakage_guard(real_splits, name, tiny_tokenizer):
+    from bridge.data import check_demonstrations, check_leakage
+
+    splits = real_splits[name]
+    task = splits.task
+    style = "rationale" if name == "pubmedqa_pqal" else "answer_only"
+    demos = select_demos(splits.fewshot or splits.train, 2, task, seed=0, need_explanation=style == "rationale")
+    for example in splits.test[:40]:
+        check_demonstrations(demos, example, splits.by_split())
+        rendered = render_messages(example, task, style=style, demos=demos, tokenizer=tiny_tokenizer)
+        check_leakage(render_text(rendered, tiny_tokenizer), example, task=task)
+        assert find_gold_leaks(rendered, example) == [], example.id

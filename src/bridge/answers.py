@@ -224,15 +224,22 @@ def normalise_label(
 
 _CURRENCY = r"(?:(?:US|USD|A|C|HK|NZ|S)?\$|[€£¥₹]|(?:USD|EUR|GBP|RMB|CNY|JPY|INR)\s?)"
 _NUMBER = r"(?:\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?|\.\d+)"
-_SCALE_WORD = (
-    r"(?:(?:\s*(?P<scale>%|percent(?:age)?(?:\s+points?)?|per\s?cent|pct|thousands?|millions?|billions?|trillions?)"
-    r"|(?P<abbreviation>k|mn|mm|m|bn|b|tn|pp))(?![A-Za-z]))"
-)
+
+
+def _scale_word(suffix: str) -> str:
+    """Return the pattern of a scale word, with group names ending in ``suffix``."""
+    return (
+        rf"(?:(?:\s*(?P<scale{suffix}>%|percent(?:age)?(?:\s+points?)?|per\s?cent|pct|thousands?|millions?"
+        rf"|billions?|trillions?)|(?P<abbreviation{suffix}>k|mn|mm|m|bn|b|tn|pp))(?![A-Za-z]))"
+    )
+
+
 # Abbreviations ("12.5m", "3bn") count only when written directly after the digits, so that
-# "12 m" (metres) and "5 B" (an option letter) are not read as scales.
+# "12 m" (metres) and "5 B" (an option letter) are not read as scales. The scale word may also
+# follow a closing parenthesis, as in "(114) million".
 _NUMBER_AT_START = re.compile(
     rf"^(?P<open>\()?\s*(?P<sign>[-+])?\s*{_CURRENCY}?\s*(?P<sign2>[-+])?\s*(?P<number>{_NUMBER})"
-    rf"{_SCALE_WORD}?\s*(?P<close>\))?(?P<rest>.*)$",
+    rf"{_scale_word('')}?(?:\s*(?P<close>\)){_scale_word('_after')}?)?(?P<rest>.*)$",
     re.IGNORECASE | re.DOTALL,
 )
 _HEDGE = re.compile(r"^(?:approximately|approx\.?|about|around|roughly|nearly|almost|~|≈|=)\s*", re.IGNORECASE)
@@ -293,7 +300,11 @@ def parse_number(text: str, *, whole: bool = True) -> ParsedNumber | None:
         negative = not negative
     if negative:
         value = -value
-    raw_scale = match.group("scale") or match.group("abbreviation")
+    inner = match.group("scale") or match.group("abbreviation")
+    outer = match.group("scale_after") or match.group("abbreviation_after")
+    if inner and outer:
+        return None
+    raw_scale = inner or outer
     scale = None
     if raw_scale is not None:
         key = _SPACES.sub(" ", raw_scale.lower())
@@ -438,13 +449,17 @@ def _parse_value(
 def _parse_line_value(
     value: str, task: TaskSpec, options: dict[str, str] | None, scale: str, answer_format: TaskFormat
 ) -> str | None:
-    """Parse an answer line's value, or an explicit phrase inside it ("Answer: The answer is B")."""
-    parsed = _parse_value(value, task, options, scale, answer_format, False)
+    """Parse an answer line's value, or an explicit phrase inside it ("Answer: The answer is B").
+
+    Any text is a valid span, so for open formats a phrase inside the value is read first.
+    """
+    open_format = answer_format in ("numeric", "span")
+    parsed = None if open_format else _parse_value(value, task, options, scale, answer_format, False)
     if parsed is not None:
         return parsed
     inner = _phrase_values(value)
     if not inner:
-        return None
+        return _parse_value(value, task, options, scale, answer_format, False) if open_format else None
     result = _agreed([_parse_value(v, task, options, scale, answer_format, False) for v in inner])
     return None if result == UNPARSABLE else result
 

@@ -500,6 +500,25 @@ def _plain_chat(messages: Sequence[Mapping[str, str]]) -> str:
     return "\n\n".join(blocks) + "\n\nAssistant:\n"
 
 
+def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
+    """Apply the chat template, folding the system message into the first user turn if rejected.
+
+    Some templates (Gemma's, for one) raise a template error for a system role.
+    """
+    import jinja2
+
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    except jinja2.exceptions.TemplateError as exc:
+        if len(messages) < 2 or messages[0]["role"] != "system" or messages[1]["role"] != "user":
+            raise
+        log.debug("chat template rejected the system message (%s); folding it into the first user turn", exc)
+        first_user = {"role": "user", "content": f"{messages[0]['content']}\n\n{messages[1]['content']}"}
+        return tokenizer.apply_chat_template(
+            [first_user, *messages[2:]], tokenize=False, add_generation_prompt=True
+        )
+
+
 def render_text(rendered: RenderedPrompt, tokenizer: Any) -> str:
     """Return the prompt text that a local model continues with its answer.
 
@@ -511,7 +530,7 @@ def render_text(rendered: RenderedPrompt, tokenizer: Any) -> str:
     specials = control_tokens(tokenizer)
     messages = [{"role": m["role"], "content": defuse_control_tokens(m["content"], specials)} for m in rendered.messages]
     if tokenizer is not None and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        text = _apply_template(tokenizer, messages)
     else:
         text = _plain_chat(messages)
     bos = getattr(tokenizer, "bos_token", None) if tokenizer is not None else None
@@ -593,18 +612,21 @@ def find_gold_leaks(rendered: RenderedPrompt, example: Example, *, min_chars: in
     Checks the system message and the final user message (demonstrations show other examples'
     gold answers on purpose): the explanation and ``gold_meta`` values of at least ``min_chars``
     characters, compared case- and whitespace-insensitively, and an answer line stating the gold
-    answer. A label-conditioned prompt carries the gold answer on purpose and is still checked for
-    the explanation and ``gold_meta``.
+    answer. Values that the example's own question, context or options contain (the text of the
+    correct option, an extractive span) are skipped. A label-conditioned prompt carries the gold
+    answer on purpose and is still checked for the explanation and ``gold_meta``.
     """
     own = [m["content"] for m in rendered.messages if m["role"] == "system"]
     own.append(rendered.messages[-1]["content"])
     text = _squash("\n".join(own))
+    inputs = _PromptInputs.of(example)
+    own_inputs = _squash("\n".join([inputs.question, inputs.context or "", *(inputs.options or {}).values()]))
     leaks = []
     fields = {"explanation": example.explanation or ""}
     fields.update({f"gold_meta.{key}": value for key, value in example.gold_meta.items()})
     for name, value in fields.items():
         squashed = _squash(str(value))
-        if len(squashed) >= min_chars and squashed in text:
+        if len(squashed) >= min_chars and squashed in text and squashed not in own_inputs:
             leaks.append(name)
     if not rendered.label_conditioned:
         gold = _squash(example.gold)
