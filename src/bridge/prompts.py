@@ -360,9 +360,9 @@ def render_messages(
 ) -> RenderedPrompt:
     """Render the chat messages for ``example``.
 
-    ``max_context_tokens`` bounds the tokens of the example's own text (context, question and
-    options, counted with ``tokenizer`` and without the fixed instructions). Only the context is
-    trimmed, from the end (``truncation_side="right"``) or the start. Raises
+    ``max_context_tokens`` bounds the tokens of the example's own text: the context, the question
+    and the options with their labels, counted with ``tokenizer``, and not the instructions. Only
+    the context is trimmed, from the end (``truncation_side="right"``) or the start. Raises
     :class:`PromptTooLongError` (a :class:`DataError`) when the question and options alone
     exceed the budget. Demonstrations are trimmed to the same budget each.
     """
