@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from bridge.config import DataConfig, FieldMapping
-from bridge.data import REJECTS_FILE, load_dataset
+from bridge.data import REJECTS_FILE, LeakageError, check_leakage, load_dataset, prompt_view
 from bridge.errors import ConfigError, DataError
 
 BAD = Path(__file__).parent / "bad_data"
@@ -51,6 +51,10 @@ def test_jsonl_yes_no_with_mapping(tmp_path: Path):
     # Without a test file, test and dev are carved from the train file, and a note records it.
     assert (len(splits.test), len(splits.dev)) == (12, 4)
     assert any("test split carved from the train file" in note for note in splits.report["notes"])
+    for e in everything:
+        check_leakage(prompt_view(e), e, task=splits.task)
+    with pytest.raises(LeakageError, match="explanation"):
+        check_leakage(f"{example.question}\n{example.explanation}", example, task=splits.task)
 
 
 def test_rows_numbered_without_id(tmp_path: Path):

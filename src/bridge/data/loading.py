@@ -20,7 +20,7 @@ from bridge.data.splitting import allocate, build_units, members, round_half_up
 from bridge.data.text import duplicate_key
 from bridge.data.types import Example, TaskSpec
 from bridge.errors import DataError
-from bridge.rundir import atomic_write_text
+from bridge.rundir import atomic_write_text, fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class DatasetSplits:
     def by_split(self) -> dict[str, list[Example]]:
         """Return the splits by name, few-shot pool included."""
         return {"train": self.train, "dev": self.dev, "test": self.test, "fewshot": self.fewshot}
+
+    def split_ids(self) -> dict[str, list[str]]:
+        """Return the example ids of each split, in split order, so a run can store its splits."""
+        return {name: [e.id for e in examples] for name, examples in self.by_split().items()}
 
     def split(self, name: str) -> list[Example]:
         """Return one split by name (train, dev, test or fewshot)."""
@@ -125,27 +129,16 @@ def _build_splits(cfg: DataConfig, source: SourceData) -> DatasetSplits:
     everything = [e for part in source.fixed.values() for e in part] + source.pool
     order = {e.id: index for index, e in enumerate(everything)}
     if len(order) != len(everything):
-        raise DataError(f"data set '{cfg.dataset}': an adapter returned two examples with one id")
+        repeated = sorted(i for i, n in Counter(e.id for e in everything).items() if n > 1)
+        raise DataError(
+            f"data set '{cfg.dataset}': the adapter returned more than one example with id(s) {', '.join(repeated[:5])}",
+            hint="this is a bug in the adapter: its id registry must reject repeated ids",
+        )
     keys = {e.id: duplicate_key(e) for e in everything}
     notes = list(source.notes)
     duplicates = _duplicate_figures(everything, keys)
 
-    # Evaluation splits the source ships win over everything else: copies of their items (and
-    # of their groups) are dropped from the dev file, the train file and the pool.
-    fixed = {name: list(part) for name, part in source.fixed.items()}
-    dropped: Counter[str] = Counter()
-    protected: list[Example] = []
-    for split in ("test", "dev", "train"):
-        if split not in fixed:
-            continue
-        if protected:
-            fixed[split], count = _drop_copies(fixed[split], protected, keys, source.grouped)
-            dropped[split] += count
-        if split in EVAL_SPLITS:
-            protected += fixed[split]
-    pool, count = _drop_copies(source.pool, protected, keys, source.grouped)
-    dropped["train"] += count
-
+    fixed, pool, dropped = _drop_evaluation_copies(source, keys)
     carved = _carve(cfg, source, pool, keys, stratum)
     result = {split: fixed.get(split, []) + carved.get(split, []) for split in ("train", "dev", "test")}
     fewshot = fixed.get("fewshot", [])
@@ -166,18 +159,7 @@ def _build_splits(cfg: DataConfig, source: SourceData) -> DatasetSplits:
             filtered[split] = len(examples) - len(kept)
             result[split] = kept
 
-    slices = {}
-    for split, size in (("train", cfg.train_size), ("dev", cfg.dev_size), ("test", cfg.test_size)):
-        available = len(result[split])
-        if size is None:
-            continue
-        if size < available:
-            units = build_units(result[split], stratum, grouped=source.grouped, keys=keys)
-            chosen = allocate(units, {"keep": size}, cfg.split_seed, f"slice/{cfg.dataset}/{split}")
-            result[split] = members(chosen["keep"])
-        elif size > available:
-            notes.append(f"{split}_size {size} exceeds the {available} {split} examples; all are used")
-        slices[split] = {"requested": size, "available": available, "kept": len(result[split])}
+    slices = _take_slices(cfg, source, result, stratum, keys, notes)
 
     for split in result:
         result[split] = sorted(result[split], key=lambda e: order[e.id])
@@ -195,6 +177,54 @@ def _build_splits(cfg: DataConfig, source: SourceData) -> DatasetSplits:
         fewshot=result["fewshot"],
         report=report,
     )
+
+
+def _drop_evaluation_copies(
+    source: SourceData, keys: dict[str, str]
+) -> tuple[dict[str, list[Example]], list[Example], Counter[str]]:
+    """Drop copies of shipped evaluation items from the dev file, the train file and the pool.
+
+    Evaluation splits the source ships win over everything else: their items (and, for grouped
+    data, their groups) are removed wherever else they occur. Test wins over dev.
+    """
+    fixed = {name: list(part) for name, part in source.fixed.items()}
+    dropped: Counter[str] = Counter()
+    protected: list[Example] = []
+    for split in ("test", "dev", "train"):
+        if split not in fixed:
+            continue
+        if protected:
+            fixed[split], count = _drop_copies(fixed[split], protected, keys, source.grouped)
+            dropped[split] += count
+        if split in EVAL_SPLITS:
+            protected += fixed[split]
+    pool, count = _drop_copies(source.pool, protected, keys, source.grouped)
+    dropped["train"] += count
+    return fixed, pool, dropped
+
+
+def _take_slices(
+    cfg: DataConfig,
+    source: SourceData,
+    result: dict[str, list[Example]],
+    stratum: Callable[[Example], str],
+    keys: dict[str, str],
+    notes: list[str],
+) -> dict[str, dict[str, int]]:
+    """Replace each split by its seeded, stratified slice of data.<split>_size examples, in place."""
+    slices = {}
+    for split, size in (("train", cfg.train_size), ("dev", cfg.dev_size), ("test", cfg.test_size)):
+        available = len(result[split])
+        if size is None:
+            continue
+        if size < available:
+            units = build_units(result[split], stratum, grouped=source.grouped, keys=keys)
+            chosen = allocate(units, {"keep": size}, cfg.split_seed, f"slice/{cfg.dataset}/{split}")
+            result[split] = members(chosen["keep"])
+        elif size > available:
+            notes.append(f"{split}_size {size} exceeds the {available} {split} examples; all are used")
+        slices[split] = {"requested": size, "available": available, "kept": len(result[split])}
+    return slices
 
 
 def _drop_copies(
@@ -314,6 +344,8 @@ def _report(
             split: dict(sorted(Counter(e.meta.get("source_split", "") for e in examples).items()))
             for split, examples in result.items()
         },
+        # A short SHA-256 of each split's sorted ids: equal fingerprints mean equal splits.
+        "fingerprints": {split: fingerprint(sorted(e.id for e in examples)) for split, examples in result.items()},
         "duplicates": duplicates,
         "notes": notes,
     }
