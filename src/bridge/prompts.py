@@ -503,7 +503,7 @@ def _plain_chat(messages: Sequence[Mapping[str, str]]) -> str:
 def _apply_template(tokenizer: Any, messages: list[dict[str, str]]) -> str:
     """Apply the chat template, folding the system message into the first user turn if rejected.
 
-    Some templates (Gemma's, for one) raise a template error for a system role.
+    Some chat templates raise a template error (raise_exception) for a system role.
     """
     import jinja2
 
