@@ -57,6 +57,10 @@ _STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+#: Stage folders whose module has another name.
+_STAGE_MODULES = {"eval": "evaluate"}
+
+
 def stage_name(name: str) -> str:
     """Map a command name (``train-ta``) or folder name (``train_ta``) to the folder name."""
     if name in STAGE_COMMANDS:
@@ -85,12 +89,53 @@ class RunContext:
     yes: bool = False
     fingerprints: dict[str, str] = field(default_factory=dict)
 
+    models: dict[str, Any] = field(default_factory=dict)
+
     @cached_property
     def data(self) -> Any:
-        """The loaded data set splits (loaded once per process)."""
+        """The loaded data set splits (loaded once per process); rejects go to the run directory."""
         from bridge.data import load_dataset
 
-        return load_dataset(self.config.data)
+        return load_dataset(self.config.data, rejects_dir=self.run.root)
+
+    def ta_model(self) -> Any:
+        """The untuned teacher assistant, loaded once per process."""
+        if "ta" not in self.models:
+            from bridge.models.loading import load_model
+
+            self.models["ta"] = load_model(self.config.models.ta)
+        return self.models["ta"]
+
+    def refined_ta(self) -> Any:
+        """The TA after apprenticeship: in memory from train-ta, else its base plus the saved adapter."""
+        if "ta_refined" not in self.models:
+            from bridge.models.training import ADAPTER_DIR, MODEL_DIR
+            from bridge.predict import as_local_model
+
+            folder = self.run.root / "train_ta"
+            base = self.ta_model()
+            if (folder / ADAPTER_DIR).is_dir():
+                from peft import PeftModel
+
+                merged = PeftModel.from_pretrained(base.model, folder / ADAPTER_DIR).merge_and_unload()
+                self.models["ta_refined"] = as_local_model(merged, base.tokenizer)
+            elif (folder / MODEL_DIR).is_dir():
+                from bridge.config import ModelRef
+                from bridge.models.loading import load_model
+
+                ref = self.config.models.ta.model_copy(update={"path": str(folder / MODEL_DIR), "keep_layers": None})
+                self.models["ta_refined"] = load_model(ModelRef.model_validate(ref.model_dump()))
+            else:
+                raise BridgeError(
+                    f"no trained TA in {folder}",
+                    hint="run 'bridge train-ta' (or 'bridge run') with the same configuration first",
+                )
+            self.models.pop("ta", None)
+        return self.models["ta_refined"]
+
+    def release_models(self) -> None:
+        """Drop loaded models so the next stage has the memory."""
+        self.models.clear()
 
     def stage_dir(self, stage: str) -> Path:
         return self.run.stage(stage)
@@ -113,7 +158,7 @@ def compute_fingerprints(config: BridgeConfig) -> dict[str, str]:
 
 def _stage_function(stage: str) -> Callable[[RunContext], dict[str, Any]]:
     try:
-        module = importlib.import_module(f"bridge.stages.{stage}")
+        module = importlib.import_module(f"bridge.stages.{_STAGE_MODULES.get(stage, stage)}")
     except ModuleNotFoundError as exc:
         if exc.name == f"bridge.stages.{stage}":
             raise BridgeError(f"the '{stage}' stage is not available in this version of bridge") from None

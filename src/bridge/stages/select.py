@@ -1,0 +1,309 @@
+"""Phase 1: the untuned TA reads the training pool once; a selector picks the subset to buy.
+
+Outputs in ``select/``: ``scores.jsonl`` (difficulty and prediction per example, keyed by id),
+``embeddings/chunk-*.npy`` (one file per scoring chunk), ``subset.jsonl`` (chosen ids in pick
+order with difficulty, cluster and reason) and ``plots/``. Scoring resumes chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from bridge.answers import extract_for, is_correct
+from bridge.data.types import Example, TaskSpec
+from bridge.prompts import (
+    option_continuations,
+    option_labels,
+    render_all,
+    render_text,
+    scoring_prompt,
+)
+from bridge.rundir import RowWriter, atomic_write_bytes, ensure_dir, read_rows
+from bridge.selection import difficulty as difficulty_scores
+from bridge.selection import selectors
+from bridge.teacher.budget import call_cap_for
+
+log = logging.getLogger(__name__)
+
+#: Examples per persisted scoring chunk, as a multiple of the batch size.
+_CHUNK_BATCHES = 8
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    cfg = ctx.config
+    data = ctx.data
+    task: TaskSpec = data.task
+    pool: list[Example] = data.train
+    out = ctx.stage_dir("select")
+
+    kind = resolve_difficulty(cfg.selection.difficulty, task)
+    lm = ctx.ta_model()
+    rendered, skipped = render_all(
+        pool,
+        task,
+        style="answer_only" if kind in ("option_entropy", "gold_prob") else "rationale",
+        system=cfg.prompts.system,
+        tokenizer=lm.tokenizer,
+        max_context_tokens=cfg.prompts.max_context_tokens,
+        skip_invalid=cfg.data.skip_invalid,
+    )
+    examples = {e.id: e for e in pool}
+    scored = score_pool(ctx, lm, task, [(examples[r.example_id], r) for r in rendered], kind)
+    ids = [row["id"] for row in scored]
+    raw = np.array([row["difficulty"] for row in scored], dtype=np.float64)
+    vectors = load_embeddings(out, scored)
+    if cfg.selection.embedding == "encoder":
+        vectors = encoder_embeddings(ctx, [examples[i] for i in ids])
+
+    keep = filter_pool(raw, vectors, cfg.selection)
+    k = subset_size(cfg, len(pool))
+    kept_ids = [ids[i] for i in keep]
+    picks = pick(cfg.selection, vectors[keep], raw[keep], min(k, len(keep)), seed=cfg.seed)
+
+    rows = []
+    for rank, chosen in enumerate(picks):
+        index = keep[chosen.index]
+        rows.append(
+            {
+                "id": kept_ids[chosen.index],
+                "rank": rank,
+                "difficulty": float(raw[index]),
+                "cluster": chosen.cluster,
+                "gain": chosen.gain,
+                "reason": chosen.reason,
+            }
+        )
+    _write_rows(out / "subset.jsonl", rows)
+
+    from bridge.selection.plots import plot_selection
+
+    plots = plot_selection(vectors, raw, [keep[p.index] for p in picks], out / "plots")
+    summary = {
+        "pool": len(pool),
+        "scored": len(scored),
+        "skipped_too_long": len(skipped),
+        "filtered_out": len(scored) - len(keep),
+        "subset_size": len(rows),
+        "target_size": k,
+        "difficulty": kind,
+        "embedding": cfg.selection.embedding,
+        "selector": cfg.selection.selector,
+        "lam": cfg.selection.lam,
+        "ta_accuracy_untuned": _accuracy(scored),
+        "plots": [str(p.relative_to(out)) for p in plots],
+    }
+    log.info("selected %d of %d examples (%s, lambda %.2f)", len(rows), len(pool), cfg.selection.selector, cfg.selection.lam)
+    return summary
+
+
+def resolve_difficulty(name: str, task: TaskSpec) -> str:
+    """Return the difficulty score to use; ``auto`` is option entropy for closed formats."""
+    if name == "auto":
+        return "option_entropy" if task.is_closed else "answer_entropy"
+    if name in ("option_entropy", "gold_prob") and not task.is_closed:
+        from bridge.errors import ConfigError
+
+        raise ConfigError(
+            f"selection.difficulty = {name} needs answer options, but {task.name} has {task.format} answers",
+            hint="use answer_entropy or token_entropy for numeric and span answers",
+        )
+    return name
+
+
+def subset_size(cfg: Any, pool_size: int) -> int:
+    """Return the number of examples to select: the call cap the budget implies."""
+    cap = call_cap_for(cfg.budget, pool_size)
+    if cap is None:
+        from bridge.errors import ConfigError
+
+        raise ConfigError(
+            "the subset size is undefined: set budget.fraction or budget.count",
+            hint="for example budget.fraction=0.05 sends 5 % of the pool to the teacher",
+        )
+    return min(cap, pool_size)
+
+
+def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any]], kind: str) -> list[dict[str, Any]]:
+    """Score every example once, persisting each chunk; return rows in pool order."""
+    from bridge.models.inference import GenerationRequest, embed, generate, score_options
+
+    cfg = ctx.config
+    out = ctx.stage_dir("select")
+    emb_dir = ensure_dir(out / "embeddings")
+    scores_path = out / "scores.jsonl"
+    stored = {row["id"]: row for row in read_rows(scores_path) if (emb_dir / _chunk_name(row["chunk"])).exists()}
+    size = cfg.selection.batch_size * _CHUNK_BATCHES
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+
+    with RowWriter(scores_path) as writer:
+        for number, chunk in enumerate(chunks):
+            if all(example.id in stored for example, _ in chunk):
+                continue
+            log.info("scoring chunk %d of %d (%d examples)", number + 1, len(chunks), len(chunk))
+            if kind in ("option_entropy", "gold_prob"):
+                texts = [scoring_prompt(r, lm.tokenizer) for _, r in chunk]
+                results = score_options(
+                    lm, texts, [option_continuations(task, e) for e, _ in chunk], batch_size=cfg.selection.batch_size
+                )
+                rows = [_closed_row(task, e, t, s, kind) for (e, _), t, s in zip(chunk, texts, results, strict=True)]
+            else:
+                texts = [render_text(r, lm.tokenizer) for _, r in chunk]
+                rows = _open_rows(cfg, lm, task, chunk, texts, kind, generate, GenerationRequest)
+            vectors = embed(lm, texts, batch_size=cfg.selection.batch_size)
+            _save_npy(emb_dir / _chunk_name(number), vectors.astype(np.float32))
+            for j, row in enumerate(rows):
+                row.update(chunk=number, row=j)
+                writer.append(row)
+                stored[row["id"]] = row
+    return [stored[example.id] for example, _ in items]
+
+
+def _closed_row(task: TaskSpec, example: Example, text: str, score: Any, kind: str) -> dict[str, Any]:
+    from bridge.prompts import prompt_hash
+
+    labels = option_labels(task, example)
+    probs = dict(zip(labels, score.probs, strict=True))
+    difficulty = (
+        score.entropy if kind == "option_entropy" else difficulty_scores.gold_difficulty(probs.get(example.gold, 0.0))
+    )
+    return {
+        "id": example.id,
+        "prompt_hash": prompt_hash(text),
+        "difficulty": float(difficulty),
+        "entropy": float(score.entropy),
+        "probs": probs,
+        "pred": labels[score.predicted],
+        "correct": labels[score.predicted] == example.gold,
+    }
+
+
+def _open_rows(cfg: Any, lm: Any, task: TaskSpec, chunk: list, texts: list[str], kind: str, generate: Any, request: Any) -> list[dict[str, Any]]:
+    from bridge.prompts import prompt_hash
+
+    samples = cfg.selection.samples if kind == "answer_entropy" else 1
+    answers: dict[str, list[str]] = {e.id: [] for e, _ in chunk}
+    entropies: dict[str, float] = {}
+    for s in range(samples):
+        outputs = generate(
+            lm,
+            [request(id=e.id, prompt=t) for (e, _), t in zip(chunk, texts, strict=True)],
+            max_new_tokens=cfg.tutoring.max_new_tokens,
+            temperature=0.0 if s == 0 else cfg.tutoring.temperature,
+            seed=cfg.seed + s,
+            batch_size=cfg.selection.batch_size,
+            progress=False,
+        )
+        for output in outputs:
+            example = next(e for e, _ in chunk if e.id == output.id)
+            answers[output.id].append(extract_for(output.text, task, example))
+            if s == 0:
+                entropies[output.id] = output.mean_entropy
+    rows = []
+    for (example, _), text in zip(chunk, texts, strict=True):
+        found = answers[example.id]
+        if kind == "answer_entropy":
+
+            def same(a: str, b: str, example: Example = example) -> bool:
+                return is_correct(a, b, task, example.scale, answer_format=example.answer_format)
+
+            difficulty = difficulty_scores.answer_entropy(found, same)
+        else:
+            difficulty = difficulty_scores.mean_token_entropy(entropies[example.id])
+        rows.append(
+            {
+                "id": example.id,
+                "prompt_hash": prompt_hash(text),
+                "difficulty": float(difficulty),
+                "answers": found,
+                "pred": found[0],
+                "correct": is_correct(found[0], example.gold, task, example.scale, answer_format=example.answer_format),
+            }
+        )
+    return rows
+
+
+def load_embeddings(out: Any, scored: list[dict[str, Any]]) -> np.ndarray:
+    """Stack the stored TA embeddings in the order of ``scored``."""
+    cache: dict[int, np.ndarray] = {}
+    vectors = []
+    for row in scored:
+        chunk = row["chunk"]
+        if chunk not in cache:
+            cache[chunk] = np.load(out / "embeddings" / _chunk_name(chunk))
+        vectors.append(cache[chunk][row["row"]])
+    return np.stack(vectors) if vectors else np.zeros((0, 1), dtype=np.float32)
+
+
+def encoder_embeddings(ctx: Any, examples: list[Example]) -> np.ndarray:
+    """Embed the prompt view (question, options, context) with the sentence encoder."""
+    from bridge.data import prompt_view
+    from bridge.models.inference import encode_sentences
+
+    texts = []
+    for example in examples:
+        view = prompt_view(example)
+        parts = [view.get("question") or "", *(f"{k}. {v}" for k, v in (view.get("options") or {}).items())]
+        if view.get("context"):
+            parts.append(view["context"])
+        texts.append("\n".join(parts))
+    return encode_sentences(texts, ctx.config.models.encoder)
+
+
+def filter_pool(raw: np.ndarray, vectors: np.ndarray, selection: Any) -> list[int]:
+    """Return the indices that survive the hardest-percentile and near-duplicate filters."""
+    keep = list(range(len(raw)))
+    if selection.drop_hardest_pct > 0 and len(raw):
+        cut = np.percentile(raw, 100 - selection.drop_hardest_pct)
+        keep = [i for i in keep if raw[i] < cut or raw[i] == raw.min()]
+    if selection.drop_near_duplicates is not None and keep:
+        from bridge.selection import near_duplicates
+
+        dropped = set(near_duplicates(vectors[keep], selection.drop_near_duplicates).tolist())
+        keep = [i for j, i in enumerate(keep) if j not in dropped]
+    return keep
+
+
+def pick(selection: Any, vectors: np.ndarray, difficulty: np.ndarray, k: int, *, seed: int) -> list[Any]:
+    """Run the configured selector on rank-normalised difficulty."""
+    d = difficulty_scores.rank_normalise(difficulty)
+    name = selection.selector
+    if name == "facility":
+        return selectors.select_facility(vectors, d, k, lam=selection.lam)
+    if name == "kcenter":
+        return selectors.select_kcenter(vectors, d, k, lam=selection.lam)
+    if name == "cluster":
+        return selectors.select_clusters(vectors, d, k, n_clusters=selection.clusters, seed=seed)
+    if name == "random":
+        return selectors.select_random(len(vectors), k, seed=seed)
+    if name == "difficulty":
+        return selectors.select_difficulty(d, k)
+    if name == "coverage":
+        return selectors.select_coverage(vectors, k)
+    raise ValueError(f"unknown selector {name!r}")
+
+
+def _accuracy(rows: list[dict[str, Any]]) -> float | None:
+    return sum(bool(r["correct"]) for r in rows) / len(rows) if rows else None
+
+
+def _chunk_name(number: int) -> str:
+    return f"chunk-{number:05d}.npy"
+
+
+def _save_npy(path: Any, array: np.ndarray) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _write_rows(path: Any, rows: list[dict[str, Any]]) -> None:
+    import json
+
+    from bridge.rundir import atomic_write_text
+
+    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
