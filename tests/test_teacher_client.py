@@ -15,12 +15,13 @@ from bridge.config import BudgetConfig, PromptConfig, TeacherConfig
 from bridge.data.types import Example, TaskSpec
 from bridge.errors import BudgetError, ConfigError, DataError, TeacherError
 from bridge.teacher import buy_rationales, summarize_ledger
-from bridge.teacher.backends import LocalBackend, is_loopback_url, public_endpoint
+from bridge.teacher.backends import LocalBackend, Redactor, is_loopback_url, public_endpoint
 from bridge.teacher.estimate import estimate_teacher_cost, format_estimate
 from bridge.teacher.ledger import IN_DOUBT, OK, REJECTED
 from fakes.openai_server import FakeOpenAIServer, Fault
 
-KEY = "sk-test-secret-0123456789abcdef"
+# Not shaped like an OpenAI key, so only the exact-secret redaction can hide it.
+KEY = "bridge-test-secret-0123456789abcdef"
 KEY_ENV = "BRIDGE_TEST_TEACHER_KEY"
 TASK = TaskSpec(name="toy", format="yes_no_maybe", labels=("yes", "no", "maybe"), domain="toy checks")
 HINT_MARK = "Hint (the verified correct answer): "
@@ -415,6 +416,13 @@ def test_remote_endpoint_needs_confirmation(tmp_path: Path, api_key: str):
         buy_rationales(make_examples(1), TASK, config, no_cap(), tmp_path, progress=False)
     assert "--yes" in info.value.hint
     assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_redactor_hides_secret_and_key_shapes():
+    redact = Redactor("my-secret-value")
+    assert redact("bad key my-secret-value given") == "bad key [redacted] given"
+    assert redact("Incorrect API key provided: sk-proj-abcdefgh1234") == "Incorrect API key provided: sk-[redacted]"
+    assert Redactor(None)("nothing to hide") == "nothing to hide"
 
 
 def test_endpoint_helpers():

@@ -284,6 +284,9 @@ class FakeOpenAIServer:
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
+    # Headers and body go out in two writes; with Nagle's algorithm the second waits for the
+    # client's delayed ACK (about 40 ms on Linux).
+    disable_nagle_algorithm = True
     fake: FakeOpenAIServer
 
     def log_message(self, format: str, *args: Any) -> None:
