@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from bridge.config import BridgeConfig, DataConfig, dump_config, load_config
-from bridge.errors import BridgeError, ConfigError
+from bridge.errors import ConfigError
 
 __all__ = [
     "BridgeConfig",
@@ -23,16 +23,33 @@ __all__ = [
     "load_config",
     "merge",
     "run",
+    "run_stage",
 ]
 
 
-def run(config: BridgeConfig, *, from_stage: str | None = None, until_stage: str | None = None) -> None:
-    """Run the pipeline stages in order into the configuration's run directory."""
-    raise BridgeError(
-        "the pipeline is not assembled yet: the selection, teacher, training, tutoring, curriculum, "
-        "evaluation and report stages are still being built",
-        hint="use 'bridge config show' to check a configuration until 'bridge run' is available",
-    )
+def run(
+    config: BridgeConfig,
+    *,
+    from_stage: str | None = None,
+    until_stage: str | None = None,
+    yes: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Run the pipeline stages in order into ``<output.runs_dir>/<name>``, skipping current ones.
+
+    Returns each stage's summary (``{"skipped": True}`` for a stage whose outputs were current).
+    ``yes`` confirms sending data to a teacher endpoint that is not on this machine.
+    """
+    from bridge.pipeline import run_pipeline
+
+    return run_pipeline(config, from_stage=from_stage, until_stage=until_stage, yes=yes)
+
+
+def run_stage(config: BridgeConfig, stage: str, *, yes: bool = False) -> dict[str, Any]:
+    """Run one stage (select, teach, train-ta, tutor, train-student, eval or report) and return its summary."""
+    from bridge.pipeline import run_pipeline, stage_name
+
+    summaries = run_pipeline(config, only=stage, yes=yes)
+    return summaries[stage_name(stage)]
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,17 +91,59 @@ def data_inspect(
     typer.echo(format_inspection(api.inspect_data(name, tokenizer=tokenizer, overrides=_overrides(overrides))), nl=False)
 
 
+YesOpt = Annotated[
+    bool, typer.Option("--yes", "-y", help="Confirm sending data to a teacher endpoint that is not on this machine.")
+]
+
+
+def _print_summaries(summaries: dict) -> None:
+    for stage, summary in summaries.items():
+        if summary.get("skipped"):
+            typer.echo(f"{stage:>14}: current, skipped")
+        else:
+            typer.echo(f"{stage:>14}: done in {summary.get('seconds', 0):.0f} s")
+
+
 @app.command("run")
 def run(
     config: ConfigArg = None,
     overrides: OverridesOpt = None,
-    from_stage: Annotated[str | None, typer.Option("--from", help="First stage to rerun.")] = None,
+    from_stage: Annotated[str | None, typer.Option("--from", help="First stage to rerun (select, teach, train-ta, tutor, train-student, eval, report).")] = None,
     until_stage: Annotated[str | None, typer.Option("--until", help="Last stage to run.")] = None,
+    yes: YesOpt = False,
 ) -> None:
     """Run the whole pipeline: select, teach, train-ta, tutor, train-student, eval, report."""
     from bridge import api
 
-    api.run(api.load_config(config, _overrides(overrides)), from_stage=from_stage, until_stage=until_stage)
+    cfg = api.load_config(config, _overrides(overrides))
+    summaries = api.run(cfg, from_stage=from_stage, until_stage=until_stage, yes=yes)
+    _print_summaries(summaries)
+    report = summaries.get("report", {})
+    if report.get("report_html"):
+        typer.echo(f"report: {report['report_html']}")
+
+
+def _stage_command(command: str, doc: str) -> None:
+    def command_function(config: ConfigArg = None, overrides: OverridesOpt = None, yes: YesOpt = False) -> None:
+        from bridge import api
+
+        summary = api.run_stage(api.load_config(config, _overrides(overrides)), command, yes=yes)
+        _print_summaries({command: summary})
+
+    command_function.__doc__ = doc
+    app.command(command)(command_function)
+
+
+for _name, _doc in (
+    ("select", "Phase 1: score the training pool with the untuned TA and select the subset to buy."),
+    ("teach", "Buy teacher rationales for the selected subset, within the budget."),
+    ("train-ta", "Fine-tune the TA on the teacher's rationales (apprenticeship)."),
+    ("tutor", "Have the refined TA write rationales for the whole training pool."),
+    ("train-student", "Train the student through the configured curriculum stages."),
+    ("eval", "Evaluate the TA and the student stages on the test split."),
+    ("report", "Write report.md, report.html, plots and the model card."),
+):
+    _stage_command(_name, _doc)
 
 
 @app.command("merge")
