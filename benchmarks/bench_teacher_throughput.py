@@ -1,4 +1,4 @@
-"""Throughput of the teacher client against a local server that answers after a fixed latency.
+"""Throughput of the teacher client against a local server that responds after a fixed latency.
 
 The client sends ``rounds * concurrency`` distinct requests through the real ``openai`` client,
 with a reservation and a settlement in the SQLite ledger for each, to the fake server in
@@ -20,14 +20,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from fakes.openai_server import FakeOpenAIServer  # noqa: E402
-
-from bridge.config import TeacherConfig  # noqa: E402
-from bridge.teacher.backends import OpenAIBackend, TeacherRequest  # noqa: E402
-from bridge.teacher.budget import Caps, PromptTokenBound  # noqa: E402
-from bridge.teacher.client import Teacher  # noqa: E402
-from bridge.teacher.ledger import Ledger  # noqa: E402
-from bridge.teacher.prices import resolve_price  # noqa: E402
+from bridge.config import TeacherConfig
+from bridge.teacher.backends import OpenAIBackend, TeacherRequest
+from bridge.teacher.budget import Caps, PromptTokenBound
+from bridge.teacher.client import Teacher
+from bridge.teacher.ledger import Ledger
+from bridge.teacher.prices import resolve_price
+from fakes.openai_server import FakeOpenAIServer
 
 KEY = "bench-key"
 

@@ -42,7 +42,7 @@ def make_examples(count: int, *, explanation: bool = False) -> list[Example]:
 
 
 class ScriptedTeacher:
-    """A responder that answers each case as scripted: right, wrong, unparsable or long."""
+    """A responder that replies to each case as scripted: right, wrong, unparsable or long."""
 
     def __init__(self, examples: list[Example], behaviour: dict[str, str] | None = None) -> None:
         self.gold = {e.id: e.gold for e in examples}
@@ -372,6 +372,31 @@ def test_connection_refused_is_not_charged(tmp_path: Path, api_key: str):
     rows = ledger_rows(tmp_path)
     assert [r["status"] for r in rows] == [REJECTED, REJECTED]
     assert summarize_ledger(tmp_path).total_usd == 0
+
+
+def test_rate_limits_space_requests(tmp_path: Path, api_key: str):
+    examples = make_examples(5)
+    with FakeOpenAIServer(api_key=api_key, responder=ScriptedTeacher(examples)) as server:
+        config = teacher_config(server, concurrency=5, requests_per_minute=600)  # one per 0.1 s
+        started = time.monotonic()
+        buy_rationales(examples, TASK, config, no_cap(), tmp_path / "rpm", progress=False)
+        assert time.monotonic() - started >= 0.4
+        # Each request reserves over 400 tokens (prompt bound plus max_tokens); 60,000 tokens per
+        # minute is 1,000 per second, so the third request starts after 0.8 s or more.
+        config = teacher_config(server, concurrency=5, tokens_per_minute=60_000)
+        started = time.monotonic()
+        buy_rationales(examples[:3], TASK, config, no_cap(), tmp_path / "tpm", progress=False)
+        assert time.monotonic() - started >= 0.8
+
+
+def test_progress_bar_shows_money(tmp_path: Path, api_key: str, capsys: pytest.CaptureFixture):
+    examples = make_examples(3)
+    with FakeOpenAIServer(api_key=api_key, responder=ScriptedTeacher(examples)) as server:
+        buy_rationales(examples, TASK, teacher_config(server), no_cap(), tmp_path, progress=True)
+    err = capsys.readouterr().err
+    assert "teacher" in err
+    assert "spent=$" in err
+    assert "projected=$" in err
 
 
 # --------------------------------------------------------------------------------------------

@@ -93,7 +93,8 @@ def test_concurrent_random_faults_stay_under_cap(
         billed = server.billed_usd
         faults = collections.Counter(r.fault for r in server.requests)
 
-    assert faults["rate_limit"] > 0 and faults["drop_after_bill"] > 0  # the faults did happen
+    assert faults["rate_limit"] > 0
+    assert faults["drop_after_bill"] > 0
     assert billed <= cap
     summary = summarize_ledger(tmp_path)
     assert summary.total_usd <= cap

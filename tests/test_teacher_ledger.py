@@ -138,7 +138,7 @@ def test_reuse_stop_response_when_limit_fits():
     assert is_reusable(_stored("stop", 40, 256), 40)
     assert is_reusable(_stored("stop", 40, 256), 1000)
     assert not is_reusable(_stored("stop", 40, 256), 39)
-    # Without a reported length, the limit it was produced under stands in for it.
+    # Without a reported length, the limit it was produced under is used instead.
     assert is_reusable(_stored("stop", None, 256), 256)
     assert not is_reusable(_stored("stop", None, 256), 255)
 

@@ -1,6 +1,6 @@
 """A local OpenAI-compatible chat completions server for tests, with its own bill and scripted faults.
 
-The server listens on 127.0.0.1 only. It answers ``POST /v1/chat/completions`` with a text from
+The server listens on 127.0.0.1 only. It replies to ``POST /v1/chat/completions`` with a text from
 a ``responder`` callable, counts tokens with a fixed rule (never more than bridge's UTF-8 byte
 bound) and bills every response it produces, including those the client never receives.
 
@@ -353,7 +353,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(status, {"error": {"message": f"injected {kind}", "type": kind}})
             return
 
-        # From here on the server produces an answer and bills it.
+        # From here on the server produces a completion and bills it.
         if fake.latency_s:
             time.sleep(fake.latency_s)
         if kind == "slow":
@@ -426,5 +426,5 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.write(data)
             self.wfile.flush()
         except (BrokenPipeError, ConnectionResetError):
-            # The client gave up (a time-out); the bill stands.
+            # The client gave up (a time-out), but the request stays billed.
             self.close_connection = True

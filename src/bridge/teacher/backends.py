@@ -1,7 +1,7 @@
 """Teacher backends behind one interface: an OpenAI-compatible endpoint, reference rationales, a local model.
 
 A backend makes exactly one attempt per :meth:`send` and reports failures as :class:`CallError`,
-which says whether the endpoint may have billed the attempt and whether retrying can help.
+which records whether the endpoint may have billed the attempt and whether retrying can help.
 Retries, reservations and the cache live in :class:`bridge.teacher.client.Teacher`, so every
 attempt gets a ledger row.
 """
@@ -57,8 +57,8 @@ ErrorKind = Literal["rate_limit", "server", "connection", "timeout", "invalid_re
 class CallError(Exception):
     """One attempt failed.
 
-    ``billed`` is False when the endpoint certainly did not bill the attempt and None when
-    nobody can know (the request may have been processed). ``retryable`` is True for 429, 5xx,
+    ``billed`` is False when the endpoint certainly did not bill the attempt and None when the
+    outcome is unknown (the request may have been processed). ``retryable`` is True for 429, 5xx,
     connection errors and time-outs. ``fatal`` errors (400, 401, 403, 404 and other client
     errors) stop the whole stage, because every further request would fail the same way.
     The message never contains the API key.
@@ -92,11 +92,11 @@ class CallError(Exception):
 
 
 class Backend(Protocol):
-    """What the client needs from a backend."""
+    """Interface through which the client calls a teacher."""
 
     #: "openai", "reference" or "local".
     kind: str
-    #: Where requests go, without credentials: a URL, "reference" or "local:<model>".
+    #: Destination of the requests, without credentials: a URL, "reference" or "local:<model>".
     endpoint: str
     model: str
     #: True when requests leave this machine.
@@ -189,7 +189,7 @@ def sampling_params(teacher: TeacherConfig) -> dict[str, Any]:
 
 
 def _retry_after(headers: Mapping[str, str] | None) -> float | None:
-    """Return the wait a Retry-After or retry-after-ms header asks for, in seconds."""
+    """Return the wait that a Retry-After or retry-after-ms header requests, in seconds."""
     if not headers:
         return None
     import email.utils
@@ -349,7 +349,7 @@ class ReferenceBackend:
 
     For offline and reproducible experiments only: each response is the example's explanation
     (PubMedQA's long answer, TAT-QA's derivation, a user's gold explanation) followed by
-    ``Answer: <gold>``, so it is label-checked by construction and says nothing about what a real
+    ``Answer: <gold>``, so it is label-checked by construction and shows nothing of what a real
     teacher would write. Calls are charged through the ledger at the configured price.
     """
 

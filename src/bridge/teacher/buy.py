@@ -53,8 +53,8 @@ NOT_ASKED_STOPPED = "stopped"
 class TeachResult:
     """What a teacher stage bought.
 
-    ``rows`` holds the kept rationales with their provenance, ready for a JSONL file.
-    ``outcomes`` holds one record per request (first asks and re-asks), kept or not, with the
+    ``rows`` contains the kept rationales with their provenance, ready for a JSONL file.
+    ``outcomes`` contains one record per request (first asks and re-asks), kept or not, with the
     raw response text of every response that was not kept. ``summary`` counts them and states
     the spending.
     """

@@ -60,7 +60,7 @@ def is_reusable(stored: StoredResponse, max_tokens: int) -> bool:
 
     A response that ended by stop is reused when the new ``max_tokens`` is at least its
     completion length, because the new limit would not have cut it; when the endpoint reported
-    no length, the limit it was produced under stands in for it. A response cut by length is
+    no length, the limit it was produced under is used instead. A response cut by length is
     reused (as the same failure) only when the new limit is no larger than the one that cut it.
     """
     if stored.finish_reason == "stop":

@@ -1,9 +1,9 @@
 """The teacher client: cache lookups, reservations, concurrency, rate limits and retries.
 
 :meth:`Teacher.complete` takes a batch of requests and returns one :class:`Outcome` per request.
-For each request it first looks for a stored response; otherwise it makes up to
-``1 + max_retries`` attempts, each reserved in the ledger at its worst-case cost before it is
-sent and settled when its outcome is known. Only 429, 5xx, connection errors and time-outs are
+For each request it first looks for a stored response. Otherwise it makes up to
+``1 + max_retries`` attempts. Each attempt is reserved in the ledger at its worst-case cost
+before it is sent, and settled when its outcome is known. Only 429, 5xx, connection errors and time-outs are
 retried, with exponential backoff, jitter and at least the wait a ``Retry-After`` header asks
 for. A client error (400, 401, 403, 404, ...) stops the batch at once: requests not yet sent are
 not sent, and :meth:`Teacher.complete` raises :class:`~bridge.errors.TeacherError` once the
@@ -36,9 +36,12 @@ log = logging.getLogger(__name__)
 class Outcome:
     """What became of one request.
 
-    ``status`` is "ok" (a response arrived or was reused; see ``finish_reason``), "failed"
-    (no usable response after the allowed attempts), "budget" (not sent: the next attempt did
-    not fit under the caps) or "stopped" (not sent: the batch stopped on a client error).
+    ``status`` is one of:
+
+    * "ok": a response arrived or was reused (see ``finish_reason``);
+    * "failed": no usable response after the allowed attempts;
+    * "budget": not sent, because the next attempt did not fit under the caps;
+    * "stopped": not sent, because the batch stopped on a client error.
     """
 
     request: TeacherRequest

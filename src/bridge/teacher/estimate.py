@@ -84,7 +84,7 @@ def estimate_teacher_cost(
     """Estimate the teacher stage for a training pool without calling the teacher.
 
     The planned calls are the call cap (``ceil(budget.fraction * pool)`` or ``budget.count``,
-    limited by ``budget.max_calls``); the examples are the first ones of the pool, because the
+    limited by ``budget.max_calls``). The examples are the first ones of the pool, because the
     selection stage that picks the real subset needs the local model. Raises ConfigError for
     a model without a price or a budget that cannot pay for one call.
     """

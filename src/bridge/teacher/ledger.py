@@ -2,10 +2,10 @@
 
 The ledger lives in the run directory (``ledger.sqlite``, WAL journal, ``synchronous=FULL``, so
 every commit is on disk before the call that made it returns). Each attempt is inserted as
-``reserved`` with its worst-case cost charged *before* the request is sent; when the outcome is
-known, the row is settled to what the endpoint reported (``ok``), to nothing (``rejected``,
-``cancelled``), or it keeps the worst case (``in_doubt``: time-out, dropped connection, invalid
-response). A row left ``reserved`` by a killed process becomes ``in_doubt`` when the ledger is
+``reserved`` with its worst-case cost charged *before* the request is sent. When the outcome is
+known, the row is settled to what the endpoint reported (``ok``) or to nothing (``rejected``,
+``cancelled``). Otherwise it keeps the worst case (``in_doubt``: time-out, dropped connection,
+invalid response). A row left ``reserved`` by a killed process becomes ``in_doubt`` when the ledger is
 opened again. A response is written in the same transaction that settles its attempt, so a
 response counts as bought only once it is stored, and a resumed run finds it.
 
@@ -113,7 +113,7 @@ def _now() -> str:
 
 @dataclass(frozen=True)
 class AttemptInfo:
-    """What identifies one attempt in the ledger."""
+    """Identity of one attempt in the ledger."""
 
     example_id: str
     cache_key: str
@@ -127,7 +127,7 @@ class AttemptInfo:
 
 @dataclass(frozen=True)
 class Settlement:
-    """What an attempt that received a response was charged."""
+    """Charge and stored response of an attempt that received a response."""
 
     attempt_id: int
     charged: Usage
@@ -163,6 +163,7 @@ class Ledger:
         ensure_dir(self.path.parent)
         self._lock_file = _acquire_process_lock(self.path)
         self.session = uuid.uuid4().hex[:12]
+
         self._cond = threading.Condition()
         self._in_flight: dict[int, Usage] = {}
         #: Reservations counted in the totals but not yet committed.
@@ -170,6 +171,7 @@ class Ledger:
         self._queue: list[_Write] = []
         self._queue_lock = threading.Lock()
         self._db_lock = threading.Lock()
+
         try:
             self._conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30)
             mode = self._conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
@@ -411,8 +413,9 @@ class Ledger:
     ) -> Usage:
         """Settle an attempt that got no usable response and return what it is charged.
 
-        ``billed`` False means the endpoint certainly did not bill it (charged nothing); None
-        means nobody knows (charged the worst case for good). ``error`` must hold no secret.
+        ``billed`` False means the endpoint certainly did not bill it, so it is charged nothing.
+        None means the outcome is unknown, so it keeps its worst-case charge for good. ``error``
+        must contain no secret.
         """
         if billed:
             raise ValueError("a billed attempt needs a response; use settle_response")
@@ -553,7 +556,7 @@ def _acquire_process_lock(path: Path) -> Any:
 
 @dataclass
 class LedgerSummary:
-    """What a ledger records, for ``bridge ledger`` and reports (money in USD)."""
+    """Summary of a ledger for ``bridge ledger`` and reports (money in USD)."""
 
     path: Path
     spent_usd: float = 0.0
