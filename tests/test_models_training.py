@@ -43,7 +43,8 @@ def make_rows(count: int, prefix: str = "r") -> list[dict]:
 
 
 def load_tiny(folder: Path):
-    return load_model(ModelRef(path=str(folder)), padding_side="right")
+    # Pinned to the CPU in float32, so that the exact comparisons hold on a GPU machine too.
+    return load_model(ModelRef(path=str(folder), device="cpu", dtype="float32"), padding_side="right")
 
 
 def quick_config(**overrides) -> TrainingConfig:
@@ -88,9 +89,8 @@ def _pubmedqa_rows(data_dir: Path, count: int) -> list[dict]:
     items = json.loads((data_dir / "pubmedqa_pqal" / "ori_pqal.json").read_text(encoding="utf-8"))
     rows = []
     for index, (pmid, item) in enumerate(list(items.items())[:count]):
-        contexts = item["CONTEXTS"] if isinstance(item["CONTEXTS"], list) else [item["CONTEXTS"]]
         messages = [
-            {"role": "user", "content": f"Context: {' '.join(contexts)}\nQuestion: {item['QUESTION']}"},
+            {"role": "user", "content": f"Context: {' '.join(item['CONTEXTS'])}\nQuestion: {item['QUESTION']}"},
             {"role": "assistant", "content": f"{item['LONG_ANSWER']}\nAnswer: {item['final_decision']}"},
         ]
         if index % 2 == 0:
