@@ -204,12 +204,12 @@ def test_raising_budget_buys_only_the_rest(tmp_path: Path, api_key: str):
     examples = make_examples(6)
     with FakeOpenAIServer(api_key=api_key, responder=ScriptedTeacher(examples)) as server:
         config = teacher_config(server, concurrency=1)
-        small = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=2), tmp_path, progress=False)
+        small = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=2, max_cost_usd=10.0), tmp_path, progress=False)
         assert small.budget_exhausted
         assert len(small.rows) == 2
         assert small.summary["not_asked_budget"] == 4
         assert len(server.bill) == 2
-        full = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=6), tmp_path, progress=False)
+        full = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=6, max_cost_usd=10.0), tmp_path, progress=False)
         assert len(server.bill) == 6
     assert len(full.rows) == 6
     assert sum(r["cached"] for r in full.rows) == 2
@@ -219,9 +219,9 @@ def test_exhausted_budget_before_first_call_is_budget_error(tmp_path: Path, api_
     examples = make_examples(2)
     with FakeOpenAIServer(api_key=api_key, responder=ScriptedTeacher(examples)) as server:
         config = teacher_config(server, concurrency=1)
-        buy_rationales(examples[:1], TASK, config, BudgetConfig(fraction=None, max_calls=1), tmp_path, progress=False)
+        buy_rationales(examples[:1], TASK, config, BudgetConfig(fraction=None, max_calls=1, max_cost_usd=10.0), tmp_path, progress=False)
         with pytest.raises(BudgetError):
-            buy_rationales(examples[1:], TASK, config, BudgetConfig(fraction=None, max_calls=1), tmp_path, progress=False)
+            buy_rationales(examples[1:], TASK, config, BudgetConfig(fraction=None, max_calls=1, max_cost_usd=10.0), tmp_path, progress=False)
 
 
 def test_money_cap_stops_cleanly(tmp_path: Path, api_key: str):
@@ -416,7 +416,7 @@ def test_config_errors_come_before_any_call(tmp_path: Path, api_key: str, monkey
             )
         with pytest.raises(ConfigError, match="is 0 but the teacher stage is on"):
             buy_rationales(
-                examples, TASK, teacher_config(server), BudgetConfig(fraction=None, max_calls=0), tmp_path,
+                examples, TASK, teacher_config(server), BudgetConfig(fraction=None, max_calls=0, max_cost_usd=10.0), tmp_path,
                 progress=False,
             )
         monkeypatch.delenv(KEY_ENV)
@@ -427,7 +427,7 @@ def test_config_errors_come_before_any_call(tmp_path: Path, api_key: str, monkey
 
 def test_teacher_off_makes_no_call(tmp_path: Path):
     result = buy_rationales(
-        make_examples(2), TASK, TeacherConfig(enabled=False), BudgetConfig(fraction=None, max_calls=0), tmp_path
+        make_examples(2), TASK, TeacherConfig(enabled=False), BudgetConfig(fraction=None, max_calls=0, max_cost_usd=0.0), tmp_path
     )
     assert result.rows == []
     assert result.summary["enabled"] is False
@@ -466,7 +466,7 @@ def test_endpoint_helpers():
 def test_reference_backend_serves_explanations(tmp_path: Path):
     examples = make_examples(3, explanation=True)
     config = TeacherConfig(backend="reference", price_per_call=0.01)
-    result = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=10), tmp_path, progress=False)
+    result = buy_rationales(examples, TASK, config, BudgetConfig(fraction=None, max_calls=10, max_cost_usd=10.0), tmp_path, progress=False)
     assert [r["target"] for r in result.rows] == [
         f"{e.explanation}\nAnswer: {e.gold}" for e in examples
     ]
@@ -515,7 +515,7 @@ def test_local_backend_batches_through_generate(tmp_path: Path):
     config = TeacherConfig(backend="local", model="tiny-local", max_tokens=32)
     backend = LocalBackend(config, model_obj=_FakeLocalModel(), generate=generate, batch_size=2)
     result = buy_rationales(
-        examples, TASK, config, BudgetConfig(fraction=None, max_calls=10), tmp_path, backend=backend, progress=False
+        examples, TASK, config, BudgetConfig(fraction=None, max_calls=10, max_cost_usd=10.0), tmp_path, backend=backend, progress=False
     )
     assert calls == [2, 2, 1]
     assert sorted(r["id"] for r in result.rows) == ["ex000", "ex001", "ex002", "ex003"]
@@ -533,7 +533,11 @@ def test_estimate_makes_no_call_and_judges_budget(api_key: str):
         config = teacher_config(server)
         generous = estimate_teacher_cost(examples, TASK, config, BudgetConfig(fraction=0.1, max_cost_usd=1.0), prompts)
         tight = estimate_teacher_cost(examples, TASK, config, BudgetConfig(fraction=0.1, max_cost_usd=0.0015), prompts)
+        money_only = estimate_teacher_cost(examples, TASK, config, BudgetConfig(fraction=None, max_cost_usd=0.003), prompts)
         assert server.requests == []
+    assert money_only.planned_calls == money_only.affordable_calls_worst
+    assert 0 < money_only.planned_calls < 100
+    assert money_only.cost_worst_usd <= 0.003
     assert generous.planned_calls == 10
     assert generous.verdict.startswith("yes")
     assert generous.cost_estimate_usd <= generous.cost_worst_usd

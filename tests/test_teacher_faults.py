@@ -222,5 +222,5 @@ def _load_benchmark():
 def test_throughput_near_ideal(concurrency: int):
     # NOTE: on a machine whose CPUs or disk are saturated by other work this can fall below 90 %;
     # benchmarks/bench_teacher_throughput.py prints the same measurement.
-    result = _load_benchmark().measure(concurrency, latency_s=0.5, rounds=4)
+    result = _load_benchmark().measure(concurrency, latency_s=0.5, rounds=6)
     assert result["ratio"] >= 0.9, result

@@ -157,13 +157,13 @@ def test_reuse_length_response_only_as_same_failure():
 def test_call_cap_from_fraction_or_count():
     assert call_cap_for(BudgetConfig(fraction=0.05), 201) == 11
     assert call_cap_for(BudgetConfig(fraction=None, count=7), 201) == 7
-    assert call_cap_for(BudgetConfig(fraction=None), 201) is None
+    assert call_cap_for(BudgetConfig(fraction=None, max_cost_usd=1.0), 201) is None
 
 
 def test_caps_take_smaller_call_limit():
     caps = caps_from_config(BudgetConfig(fraction=None, max_calls=5, max_cost_usd=0.5, max_tokens=100), 9)
     assert caps == Caps(calls=5, tokens=100, picousd=usd_to_picousd(0.5))
-    assert caps_from_config(BudgetConfig(fraction=None, max_calls=50), 9).calls == 9
+    assert caps_from_config(BudgetConfig(fraction=None, max_calls=50, max_cost_usd=10.0), 9).calls == 9
 
 
 def test_prompt_bound_covers_server_count():
@@ -190,7 +190,7 @@ def _price(per_token: int = 1_000_000) -> Price:
 
 def test_budget_zero_with_teacher_on_is_error():
     teacher = TeacherConfig()
-    budget = BudgetConfig(fraction=None, max_calls=0)
+    budget = BudgetConfig(fraction=None, max_calls=0, max_cost_usd=10.0)
     with pytest.raises(ConfigError) as info:
         check_budget(teacher, budget, caps_from_config(budget), None)
     assert "budget.max_calls" in str(info.value)
@@ -204,7 +204,7 @@ def test_budget_smaller_than_one_call_is_error():
     with pytest.raises(ConfigError) as info:
         check_budget(teacher, money, caps_from_config(money), cheapest)
     assert "budget.max_cost_usd" in str(info.value)
-    tokens = BudgetConfig(fraction=None, max_tokens=300)
+    tokens = BudgetConfig(fraction=None, max_tokens=300, max_cost_usd=10.0)
     with pytest.raises(ConfigError) as info:
         check_budget(teacher, tokens, caps_from_config(tokens), cheapest)
     assert "budget.max_tokens" in str(info.value)

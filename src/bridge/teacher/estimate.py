@@ -99,7 +99,7 @@ def estimate_teacher_cost(
     planned = min(caps.calls, most) if caps.calls is not None else most
     notes: list[str] = []
 
-    sample = list(pool[: min(planned, MAX_RENDERED)]) if planned else list(pool[:1])
+    sample = list(pool[: max(1, min(planned, MAX_RENDERED))])
     max_context = prompts.max_context_tokens if tokenizer is not None else None
     if tokenizer is None and prompts.max_context_tokens is not None:
         notes.append(
@@ -147,6 +147,10 @@ def estimate_teacher_cost(
     tokens_worst_per_call = sum(w.usage.tokens for w in worst) / count
 
     affordable = _affordable(caps, tokens_worst_per_call, per_call_worst)
+    if caps.calls is None and affordable is not None:
+        # Without budget.fraction or budget.count the subset is what the money buys.
+        planned = min(most, affordable)
+        notes.append("budget.fraction and budget.count are unset, so the planned calls are those the budget buys at the worst case")
     cost_worst = picousd_to_usd(int(per_call_worst * planned))
     cost_estimate = picousd_to_usd(per_call_estimate * planned)
     affordable_estimate = _affordable(caps, prompt_mean + completion_mean, per_call_estimate)
