@@ -58,7 +58,7 @@ class Estimate:
 
 
 def _affordable(caps: Caps, per_call_tokens: float, per_call_picousd: float) -> int | None:
-    """Return how many calls of this size fit under the token and money caps (None: no such cap)."""
+    """Return how many calls of this size fit under the caps (None when no cap limits them)."""
     limits = []
     if caps.tokens is not None:
         limits.append(math.floor(caps.tokens / per_call_tokens) if per_call_tokens else math.inf)
