@@ -269,16 +269,21 @@ def test_non_finite_loss_stops_run(tiny_model_dir, tmp_path):
 def test_dev_metric_picks_best_and_stops_early(tiny_model_dir, tmp_path):
     scores = iter([0.2, 0.9, 0.5, 0.4, 0.3])
     snapshots: list[dict[str, torch.Tensor]] = []
+    padding_sides: list[str] = []
 
     def dev_metric(model, tokenizer) -> float:
         snapshots.append({k: v.clone() for k, v in model.state_dict().items() if "lora_" in k})
+        padding_sides.append(tokenizer.padding_side)
         return next(scores)
 
+    # Left padding, as for generation: a dev metric that generates must find it unchanged.
+    base = load_model(ModelRef(path=str(tiny_model_dir), device="cpu", dtype="float32"), padding_side="left")
     config = quick_config(eval_every=1, early_stopping_patience=2, epochs=3.0)
     result = train_sft(
-        make_rows(8), base=load_tiny(tiny_model_dir), config=config, out_dir=tmp_path,
+        make_rows(8), base=base, config=config, out_dir=tmp_path,
         dev_rows=make_rows(2, prefix="d"), dev_metric=dev_metric,
     )
+    assert padding_sides == ["left"] * 4
     assert result.global_step == 4
     assert result.metrics["stopped_early"] is True
     assert result.metrics["best_step"] == 2

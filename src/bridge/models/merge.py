@@ -12,6 +12,7 @@ import logging
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -68,7 +69,10 @@ def merge_adapter(
     input_ids = _verification_ids(tokenizer)
 
     try:
-        adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
+        with warnings.catch_warnings():
+            # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.25 deprecates.
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            adapted = PeftModel.from_pretrained(model, adapter_dir, is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:
         raise MergeError(
             f"cannot apply the adapter in {adapter_dir} to base {lm.name!r}: {type(exc).__name__}: {exc}",

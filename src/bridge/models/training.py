@@ -39,6 +39,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -337,7 +338,8 @@ def _resolve_base(base: Any) -> tuple[Any, Any, str, dict[str, Any]]:
     if tokenizer.pad_token is None or tokenizer.pad_token in (tokenizer.eos_token, end_of_turn):
         end_of_turn = repair_tokenizer(tokenizer, model)
     end_of_turn = end_of_turn or find_end_of_turn(tokenizer)
-    tokenizer.padding_side = "right"
+    # padding_side stays as the caller set it, such as left for generation in a dev metric,
+    # because trl's collator pads training batches on the right regardless of the tokenizer.
 
     source_path = Path(getattr(base, "path", None) or model.config._name_or_path or "")
     description = {
@@ -385,7 +387,10 @@ def _attach_lora(model: Any, config: TrainingConfig) -> tuple[Any, dict[str, Any
         bias="none",
         task_type="CAUSAL_LM",
     )
-    peft_model = get_peft_model(model, peft_config)
+    with warnings.catch_warnings():
+        # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.25 deprecates.
+        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        peft_model = get_peft_model(model, peft_config)
     trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
     details = {
         "rank": lora.rank,
