@@ -19,7 +19,9 @@ from bridge.models.inference import (
     generate,
     iter_generate,
     option_token_ids,
+    prompt_logprobs,
     score_options,
+    token_logprobs,
 )
 from bridge.models.loading import load_model
 from tiny_models import save_tiny_model
@@ -114,6 +116,38 @@ def test_option_prefix_mismatch_raises(lm):
         option_token_ids(lm, "Question: Is it? Answer:", [""])
     with pytest.raises(OptionScoringError, match="no options"):
         score_options(lm, PROMPTS[:1], [[]], progress=False)
+
+
+# --------------------------------------------------------------------------------------------
+# Token log-probabilities
+
+
+def test_prompt_logprobs_match_plain_forward(lm):
+    results = prompt_logprobs(lm, PROMPTS, top_k=3, batch_size=2)
+    assert len(results) == len(PROMPTS)
+    for prompt, result in zip(PROMPTS, results, strict=True):
+        ids = lm.encode(prompt)
+        with torch.no_grad():
+            logits = lm.model(input_ids=torch.tensor([ids])).logits[0].float()
+        expected = torch.log_softmax(logits, dim=-1)
+        assert result.token_ids == ids
+        assert result.logprobs[0] is None
+        assert result.top[0] is None
+        for k in range(1, len(ids)):
+            assert result.logprobs[k] == pytest.approx(float(expected[k - 1, ids[k]]), abs=1e-4)
+            best = torch.topk(expected[k - 1], 3)
+            assert list(result.top[k]) == best.indices.tolist()
+            assert list(result.top[k].values()) == pytest.approx(best.values.tolist(), abs=1e-4)
+
+
+def test_token_logprobs_without_top_and_bad_rows(lm):
+    [single, pair] = token_logprobs(lm, [[5], [5, 6]])
+    assert single.logprobs == [None]
+    assert pair.top == [None, {}]
+    with pytest.raises(ValueError, match="at least one token"):
+        token_logprobs(lm, [[]])
+    with pytest.raises(ValueError, match="top_k"):
+        token_logprobs(lm, [[5]], top_k=-1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -234,6 +234,71 @@ def _option_scores(sums: list[float], counts: list[int], length_norm: LengthNorm
 
 
 # --------------------------------------------------------------------------------------------
+# Token log-probabilities
+
+
+@dataclass(frozen=True)
+class TokenLogprobs:
+    """Log-probability of every token of a sequence given the tokens before it.
+
+    ``logprobs[0]`` and ``top[0]`` are None, because the first token has no context. ``top[k]``
+    maps the ids of the ``top_k`` most likely tokens at position k to their log-probabilities
+    (empty when ``top_k`` is 0).
+    """
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    top: list[dict[int, float] | None]
+
+
+def token_logprobs(
+    lm: LocalModel, rows: Sequence[Sequence[int]], *, top_k: int = 0, batch_size: int = 8
+) -> list[TokenLogprobs]:
+    """Return the log-probability of each token of each row of token ids, in input order.
+
+    One teacher-forced forward pass per batch of left-padded rows; an OpenAI-compatible
+    server returns these as the prompt log-probabilities of ``echo=true``.
+    """
+    import torch
+
+    if top_k < 0:
+        raise ValueError(f"top_k must be 0 or more, not {top_k}")
+    if any(len(row) == 0 for row in rows):
+        raise ValueError("every row needs at least one token")
+    results: list[TokenLogprobs | None] = [None] * len(rows)
+    with torch.inference_mode():
+        for batch in _length_sorted_batches([len(row) for row in rows], batch_size):
+            input_ids, mask, positions = _pad_left([rows[i] for i in batch], lm.tokenizer.pad_token_id)
+            logits = lm.model(
+                input_ids=input_ids.to(lm.device),
+                attention_mask=mask.to(lm.device),
+                position_ids=positions.to(lm.device),
+                use_cache=False,
+            ).logits
+            width = input_ids.shape[1]
+            for b, i in enumerate(batch):
+                ids = list(rows[i])
+                start = width - len(ids)
+                # Position k's distribution is read from the logits after token k - 1.
+                logprobs = torch.log_softmax(logits[b, start : width - 1].float(), dim=-1).cpu()
+                targets = torch.tensor(ids[1:], dtype=torch.long)
+                picked = logprobs[torch.arange(len(ids) - 1), targets].tolist()
+                top: list[dict[int, float] | None] = [None]
+                if top_k:
+                    values, indices = logprobs.topk(min(top_k, logprobs.shape[-1]), dim=-1)
+                    top += [dict(zip(ix.tolist(), vs.tolist(), strict=True)) for ix, vs in zip(indices, values, strict=True)]
+                else:
+                    top += [{} for _ in picked]
+                results[i] = TokenLogprobs(token_ids=ids, logprobs=[None, *picked], top=top)
+    return [r for r in results if r is not None]
+
+
+def prompt_logprobs(lm: LocalModel, texts: Sequence[str], *, top_k: int = 0, batch_size: int = 8) -> list[TokenLogprobs]:
+    """Tokenise each text with :meth:`LocalModel.encode` and return its :func:`token_logprobs`."""
+    return token_logprobs(lm, [lm.encode(text) for text in texts], top_k=top_k, batch_size=batch_size)
+
+
+# --------------------------------------------------------------------------------------------
 # Embeddings
 
 
