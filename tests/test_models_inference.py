@@ -263,6 +263,14 @@ def test_seeded_sampling_is_reproducible(lm):
     assert [g.text for g in first] != [g.text for g in other]
 
 
+def test_sampling_leaves_caller_rng_alone(lm):
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    generate(lm, REQUESTS[:2], max_new_tokens=3, temperature=1.0, seed=9, progress=False)
+    torch.testing.assert_close(torch.rand(3), expected)
+
+
 def test_batches_are_persisted_and_resumed(lm):
     seen: list[list[str]] = []
     full = generate(

@@ -546,7 +546,6 @@ def _generate_batch(
         "output_logits": True,
     }
     if temperature > 0:
-        torch.manual_seed(seed)
         options.update(do_sample=True, temperature=temperature, top_p=top_p, top_k=0)
     else:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -555,7 +554,10 @@ def _generate_batch(
 
         criterion = _stop_sequence_criterion(lm, input_ids.shape[1], stop)
         options["stopping_criteria"] = StoppingCriteriaList([criterion])
-    with torch.inference_mode():
+    # The batch's seed is set inside a forked random state, so callers' random streams are untouched.
+    cuda_devices = [lm.device.index or 0] if lm.device.type == "cuda" else []
+    with torch.inference_mode(), torch.random.fork_rng(devices=cuda_devices):
+        torch.manual_seed(seed)
         out = lm.model.generate(input_ids=input_ids.to(lm.device), attention_mask=mask.to(lm.device), **options)
         sequences = out.sequences[:, input_ids.shape[1] :].cpu()
         entropies = torch.stack([_entropy(step.float()) for step in out.logits], dim=1).cpu()
