@@ -172,6 +172,8 @@ def _resolve_hub(ref: str) -> Path:
                 "the folder, or use packaged:smollm2-135m-instruct"
             ),
         )
+    # NOTE: the download branch has not run in tests, which have no network; only the offline
+    # branch above is tested.
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 
