@@ -196,6 +196,87 @@ def ledger(
     typer.echo(format_ledger_summary(api.ledger(run_dir)))
 
 
+@app.command("serve")
+def serve(
+    model: Annotated[
+        str,
+        typer.Argument(
+            help="Model to serve: a local Hugging Face folder, packaged:smollm2-135m-instruct, or a run directory "
+            "(its trained student, else its refined TA)."
+        ),
+    ],
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; anything but loopback exposes the model.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port to listen on.")] = 8000,
+    model_name: Annotated[
+        str | None, typer.Option("--model-name", help="Model id that requests must name; MODEL as given when omitted.")
+    ] = None,
+    max_tokens_limit: Annotated[
+        int, typer.Option("--max-tokens-limit", min=1, help="Largest max_tokens a request may set, in tokens.")
+    ] = 1024,
+    max_request_bytes: Annotated[
+        int, typer.Option("--max-request-bytes", min=1, help="Largest request body, in bytes.")
+    ] = 1_048_576,
+) -> None:
+    """Serve a local model over an OpenAI-compatible API (chat completions, completions with logprobs)."""
+    from bridge import api
+    from bridge.serve import is_loopback
+
+    if not is_loopback(host):
+        typer.secho(f"warning: --host {host} is not a loopback address; the server has no authentication", err=True)
+    api.serve(
+        model,
+        host=host,
+        port=port,
+        model_name=model_name,
+        max_tokens_limit=max_tokens_limit,
+        max_request_bytes=max_request_bytes,
+        on_ready=lambda url: typer.echo(f"serving {model_name or model} at {url} (Ctrl-C stops)"),
+    )
+    typer.echo("server stopped")
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[str, typer.Argument(help="Model reference, or a run directory (its trained student, else its refined TA).")],
+    source: Annotated[
+        str,
+        typer.Argument(
+            metavar="FILE",
+            help="Data file (.jsonl, .json, .csv, .tsv) described by the configuration's data.format and data.fields, "
+            "or DATASET:SPLIT such as pubmedqa_pqal:test.",
+        ),
+    ],
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config", help="YAML configuration; the run's own when MODEL is a run directory, else the embedded default."
+        ),
+    ] = None,
+    overrides: OverridesOpt = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="JSONL file for the predictions; <FILE stem>.<mode>.jsonl when omitted.")
+    ] = None,
+    mode: Annotated[
+        str, typer.Option("--mode", help="generation (rationale and answer line) or scoring (option log-probabilities).")
+    ] = "generation",
+) -> None:
+    """Predict every example of a data file with a model and print accuracy with its 95% Wilson interval."""
+    from bridge import api
+
+    settings = api.prediction_config(model, config, _overrides(overrides))
+    if out is None:
+        stem = Path(source).stem if Path(source).is_file() else source.replace(":", "_").replace("/", "_")
+        out = Path(f"{stem}.{mode}.jsonl")
+    result = api.predict(model, source, settings, out=out, mode=mode)
+    scores = result["scores"]
+    typer.echo(
+        f"accuracy {scores.accuracy:.3f} (95% Wilson interval {scores.ci_low:.3f}-{scores.ci_high:.3f}), "
+        f"{scores.correct}/{scores.n} correct; unparsable {scores.unparsable}, "
+        f"hit the token limit {scores.truncated}"
+    )
+    typer.echo(f"predictions written to {result['out']}")
+
+
 def main() -> None:
     """Entry point of the ``bridge`` command: user errors print one message and exit with 2."""
     try:
