@@ -330,3 +330,19 @@ def test_packaged_sentence_encoder():
     assert vectors.shape == (3, 384)
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, rtol=1e-5)
     assert vectors[0] @ vectors[1] > vectors[0] @ vectors[2]
+
+
+def test_score_options_embeddings_match_embed(tiny_model_dir):
+    from bridge.config import ModelRef
+    from bridge.models import embed, load_model, score_options
+
+    lm = load_model(ModelRef(path=str(tiny_model_dir)))
+    prompts = ["Question: Is it? Answer:", "A much longer question about the trial results. Answer:"]
+    scores = score_options(lm, prompts, [[" yes", " no"], [" yes", " no", " maybe"]], with_embeddings=True, progress=False)
+    direct = embed(lm, prompts, progress=False)
+    for score, vector in zip(scores, direct, strict=True):
+        assert score.embedding is not None
+        assert np.allclose(score.embedding, vector, atol=1e-5)
+    plain = score_options(lm, prompts, [[" yes", " no"], [" yes", " no", " maybe"]], progress=False)
+    assert all(s.embedding is None for s in plain)
+    assert [s.probs for s in plain] == [s.probs for s in scores]

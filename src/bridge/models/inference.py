@@ -8,6 +8,7 @@ row computes the same values as the row alone (up to floating-point rounding).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import logging
@@ -87,6 +88,8 @@ class OptionScores:
     entropy: float
     prompt_hash: str
     token_counts: list[int]
+    #: L2-normalised mean of the prompt's last hidden state, when requested (same forward pass).
+    embedding: np.ndarray | None = None
 
 
 def option_token_ids(lm: LocalModel, prompt: str, options: Sequence[str]) -> tuple[list[int], list[list[int]]]:
@@ -124,8 +127,12 @@ def score_options(
     length_norm: LengthNorm = "mean",
     batch_size: int = 8,
     progress: bool = True,
+    with_embeddings: bool = False,
 ) -> list[OptionScores]:
     """Score each prompt's options by the log-probability of the option text following the prompt.
+
+    With ``with_embeddings`` each result also carries the prompt's embedding as :func:`embed`
+    computes it, taken from the same forward pass, so scoring and embedding cost one pass.
 
     Each prompt is encoded once: its key-value cache is shared by all its options, and only the
     tokens after an option's first one need a second, batched forward pass. ``length_norm``
@@ -152,10 +159,13 @@ def score_options(
     started, tokens = time.perf_counter(), 0
     with torch.inference_mode():
         for batch in batches:
-            sums = _score_batch(lm, [encoded[i] for i in batch])
-            for i, option_sums in zip(batch, sums, strict=True):
+            sums, pooled = _score_batch(lm, [encoded[i] for i in batch], with_embeddings)
+            for row, (i, option_sums) in enumerate(zip(batch, sums, strict=True)):
                 counts = [len(ids) for ids in encoded[i][1]]
-                results[i] = _option_scores(option_sums, counts, length_norm, prompt_hash(prompts[i]))
+                result = _option_scores(option_sums, counts, length_norm, prompt_hash(prompts[i]))
+                if pooled is not None:
+                    result = dataclasses.replace(result, embedding=pooled[row])
+                results[i] = result
                 tokens += len(encoded[i][0]) + sum(counts)
             bar.update(len(batch))
             bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - started, 1e-9):.0f}")
@@ -163,8 +173,13 @@ def score_options(
     return [r for r in results if r is not None]
 
 
-def _score_batch(lm: LocalModel, items: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
-    """Return the summed continuation log-probability of every option of every prompt in ``items``."""
+def _score_batch(
+    lm: LocalModel, items: list[tuple[list[int], list[list[int]]]], with_embeddings: bool = False
+) -> tuple[list[list[float]], np.ndarray | None]:
+    """Return the summed continuation log-probability of every option of every prompt in ``items``.
+
+    With ``with_embeddings`` also return the prompts' pooled, L2-normalised last hidden states.
+    """
     import torch
 
     device = lm.device
@@ -177,11 +192,20 @@ def _score_batch(lm: LocalModel, items: list[tuple[list[int], list[list[int]]]])
         position_ids=positions.to(device),
         use_cache=needs_second_pass,
         logits_to_keep=1,
+        output_hidden_states=with_embeddings,
     )
+    pooled = None
+    if with_embeddings:
+        import numpy as np
+
+        hidden = out.hidden_states[-1].float()
+        weights = mask.to(hidden.device, torch.float32).unsqueeze(-1)
+        mean = (hidden * weights).sum(1) / weights.sum(1)
+        pooled = torch.nn.functional.normalize(mean, dim=-1).cpu().numpy().astype(np.float32)
     first = torch.log_softmax(out.logits[:, -1].float(), dim=-1).cpu()
     sums = [[float(first[b, ids[0]]) for ids in options] for b, (_, options) in enumerate(items)]
     if not needs_second_pass:
-        return sums
+        return sums, pooled
 
     # Second pass: the remaining tokens of multi-token options, one row per option, each row
     # reading the cache of its own prompt.
@@ -209,7 +233,7 @@ def _score_batch(lm: LocalModel, items: list[tuple[list[int], list[list[int]]]])
         targets = torch.tensor(ids[1:], dtype=torch.long)
         picked = logprobs[r, torch.arange(len(ids) - 1), targets]
         sums[b][j] += float(picked.sum())
-    return sums
+    return sums, pooled
 
 
 def _option_scores(sums: list[float], counts: list[int], length_norm: LengthNorm, digest: str) -> OptionScores:

@@ -23,7 +23,7 @@ from bridge.prompts import (
 )
 from bridge.rundir import RowWriter, atomic_write_bytes, ensure_dir, read_rows
 from bridge.selection import difficulty as difficulty_scores
-from bridge.selection import selectors
+from bridge.selection.subset import select_subset
 from bridge.teacher.budget import call_cap_for
 
 log = logging.getLogger(__name__)
@@ -58,34 +58,32 @@ def run(ctx: Any) -> dict[str, Any]:
     if cfg.selection.embedding == "encoder":
         vectors = encoder_embeddings(ctx, [examples[i] for i in ids])
 
-    keep = filter_pool(raw, vectors, cfg.selection)
     k = subset_size(cfg, len(pool))
-    kept_ids = [ids[i] for i in keep]
-    picks = pick(cfg.selection, vectors[keep], raw[keep], min(k, len(keep)), seed=cfg.seed)
-
+    result = select_subset(vectors, raw, k, cfg.selection, seed=cfg.seed)
     rows = []
-    for rank, chosen in enumerate(picks):
-        index = keep[chosen.index]
+    for rank, chosen in enumerate(result.picks):
         rows.append(
             {
-                "id": kept_ids[chosen.index],
+                "id": ids[chosen.index],
                 "rank": rank,
-                "difficulty": float(raw[index]),
+                "difficulty": float(raw[chosen.index]),
                 "cluster": chosen.cluster,
                 "gain": chosen.gain,
                 "reason": chosen.reason,
+                "parts": chosen.parts,
             }
         )
     _write_rows(out / "subset.jsonl", rows)
+    _write_rows(out / "dropped.jsonl", [{"id": ids[i], "reason": why} for i, why in sorted(result.dropped.items())])
 
     from bridge.selection.plots import plot_selection
 
-    plots = plot_selection(vectors, raw, [keep[p.index] for p in picks], out / "plots")
+    plots = plot_selection(vectors, raw, result.indices, out / "plots")
     summary = {
         "pool": len(pool),
         "scored": len(scored),
         "skipped_too_long": len(skipped),
-        "filtered_out": len(scored) - len(keep),
+        "filtered_out": len(result.dropped),
         "subset_size": len(rows),
         "target_size": k,
         "difficulty": kind,
@@ -145,14 +143,24 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
             log.info("scoring chunk %d of %d (%d examples)", number + 1, len(chunks), len(chunk))
             if kind in ("option_entropy", "gold_prob"):
                 texts = [scoring_prompt(r, lm.tokenizer) for _, r in chunk]
+                # The TA embedding comes from the same forward pass as the option scores.
                 results = score_options(
-                    lm, texts, [option_continuations(task, e) for e, _ in chunk], batch_size=cfg.selection.batch_size
+                    lm,
+                    texts,
+                    [option_continuations(task, e) for e, _ in chunk],
+                    batch_size=cfg.selection.batch_size,
+                    with_embeddings=True,
                 )
                 rows = [_closed_row(task, e, t, s, kind) for (e, _), t, s in zip(chunk, texts, results, strict=True)]
+                vectors = np.stack([r.embedding for r in results])
             else:
                 texts = [render_text(r, lm.tokenizer) for _, r in chunk]
                 rows = _open_rows(cfg, lm, task, chunk, texts, kind, generate, GenerationRequest)
-            vectors = embed(lm, texts, batch_size=cfg.selection.batch_size)
+                if cfg.selection.embedding == "ta_hidden":
+                    vectors = embed(lm, texts, batch_size=cfg.selection.batch_size)
+                else:
+                    # The sentence encoder embeds the examples later; the file marks the chunk done.
+                    vectors = np.zeros((len(chunk), 1), dtype=np.float32)
             _save_npy(emb_dir / _chunk_name(number), vectors.astype(np.float32))
             for j, row in enumerate(rows):
                 row.update(chunk=number, row=j)
@@ -250,39 +258,6 @@ def encoder_embeddings(ctx: Any, examples: list[Example]) -> np.ndarray:
             parts.append(view["context"])
         texts.append("\n".join(parts))
     return encode_sentences(texts, ctx.config.models.encoder)
-
-
-def filter_pool(raw: np.ndarray, vectors: np.ndarray, selection: Any) -> list[int]:
-    """Return the indices that survive the hardest-percentile and near-duplicate filters."""
-    keep = list(range(len(raw)))
-    if selection.drop_hardest_pct > 0 and len(raw):
-        cut = np.percentile(raw, 100 - selection.drop_hardest_pct)
-        keep = [i for i in keep if raw[i] < cut or raw[i] == raw.min()]
-    if selection.drop_near_duplicates is not None and keep:
-        from bridge.selection import near_duplicates
-
-        dropped = set(near_duplicates(vectors[keep], selection.drop_near_duplicates).tolist())
-        keep = [i for j, i in enumerate(keep) if j not in dropped]
-    return keep
-
-
-def pick(selection: Any, vectors: np.ndarray, difficulty: np.ndarray, k: int, *, seed: int) -> list[Any]:
-    """Run the configured selector on rank-normalised difficulty."""
-    d = difficulty_scores.rank_normalise(difficulty)
-    name = selection.selector
-    if name == "facility":
-        return selectors.select_facility(vectors, d, k, lam=selection.lam)
-    if name == "kcenter":
-        return selectors.select_kcenter(vectors, d, k, lam=selection.lam)
-    if name == "cluster":
-        return selectors.select_clusters(vectors, d, k, n_clusters=selection.clusters, seed=seed)
-    if name == "random":
-        return selectors.select_random(len(vectors), k, seed=seed)
-    if name == "difficulty":
-        return selectors.select_difficulty(d, k)
-    if name == "coverage":
-        return selectors.select_coverage(vectors, k)
-    raise ValueError(f"unknown selector {name!r}")
 
 
 def _accuracy(rows: list[dict[str, Any]]) -> float | None:
