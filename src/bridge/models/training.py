@@ -13,7 +13,9 @@ padding-free packing. This module prepares the data and adds what the trainer la
 * dev evaluation with an optional callback metric, early stopping and best-weights choice;
 * the resolved configuration, logged first and saved with each checkpoint, and a refusal to
   resume from a checkpoint written with another configuration;
-* the trained row ids of every optimizer step (``sample_order.jsonl``) and a metrics file.
+* the trained row ids of every optimizer step (``sample_order.jsonl``) and a metrics file;
+* under ``accelerate launch`` (DDP, see :mod:`bridge.distributed`), files written by rank 0
+  alone, with the sample order gathered from every process.
 
 Layout of ``out_dir``::
 
@@ -46,6 +48,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from bridge.distributed import barrier, gather_objects, is_main_process, world_size
 from bridge.errors import BridgeError, ConfigError, DataError
 from bridge.rundir import (
     RowWriter,
@@ -239,6 +242,12 @@ def _label_row(
     end_of_turn_id: int,
     end_of_turn: str,
 ) -> tuple[TrainExample, str | None]:
+    from bridge.prompts import control_tokens, defuse_control_tokens
+
+    # Message text is data: control-token text in it (a rationale that quotes "<|im_end|>") must
+    # not end the turn early or open a new one, so only the template adds real control tokens.
+    specials = control_tokens(tokenizer)
+    messages = [{**m, "content": defuse_control_tokens(m["content"], specials)} for m in messages]
     prompt_text = tokenizer.apply_chat_template(messages[:-1], add_generation_prompt=True, tokenize=False)
     full_text = tokenizer.apply_chat_template(messages, tokenize=False)
     empty = TrainExample(row_id, [], [])
@@ -424,7 +433,7 @@ def latest_checkpoint(checkpoints: Path) -> Path | None:
     for _step, path in _checkpoint_steps(checkpoints):
         if (path / CHECKPOINT_MARKER).is_file():
             latest = path
-        else:
+        elif is_main_process():
             log.warning("removing checkpoint %s: it was not completely written (no %s)", path, CHECKPOINT_MARKER)
             shutil.rmtree(path)
     return latest
@@ -528,7 +537,9 @@ def _make_trainer_class() -> type:
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             positions = inputs.pop(_ROW_INDEX, None)
             if positions is not None and self.model.training:
-                self._recorder.add(positions.tolist())
+                # Under DDP each process gets one slice of the global batch, so rank 0 records every slice.
+                for part in gather_objects(positions.tolist()):
+                    self._recorder.add(part)
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
@@ -561,6 +572,9 @@ class _SampleRecorder:
         self.pending.extend(self.row_ids[p] for p in positions)
 
     def flush(self, step: int) -> None:
+        if not is_main_process():
+            self.pending = []
+            return
         if self.writer is None:
             self.writer = RowWriter(self.path)
         self.writer.append({"step": step, "rows": self.pending})
@@ -639,7 +653,7 @@ def _make_callbacks(
                 ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k in ("eval_loss", DEV_METRIC_KEY)),
             )
             best_step, _best, bad = _best_eval(state.log_history, metric_key, greater_is_better)
-            if best_step == state.global_step:
+            if best_step == state.global_step and is_main_process():
                 _save_folder(model, None, out_dir / BEST_DIR / f"step-{state.global_step}")
             if patience is not None and bad >= patience:
                 log.info("early stopping at step %d: %d evaluations without improvement", state.global_step, bad)
@@ -647,6 +661,10 @@ def _make_callbacks(
                 control.should_save = True
 
         def on_save(self, args, state, control, **kwargs):
+            # Every process writes its own RNG state into the checkpoint before it is marked complete.
+            barrier()
+            if not is_main_process():
+                return
             checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             best_step, _best, _bad = _best_eval(state.log_history, metric_key, greater_is_better)
             _prune_best(out_dir / BEST_DIR, keep=best_step, after=state.global_step)
@@ -673,7 +691,13 @@ def _make_callbacks(
             self.start_step = state.global_step
             self.start_tokens = state.num_input_tokens_seen
             self.start_time = time.perf_counter()
-            self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=f"fine-tuning ({method})", unit="step")
+            self.bar = tqdm(
+                total=state.max_steps,
+                initial=state.global_step,
+                desc=f"fine-tuning ({method})",
+                unit="step",
+                disable=not is_main_process(),
+            )
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.bar is not None:
@@ -791,10 +815,12 @@ def train_sft(
     if finished is not None and finished.get("trajectory") == prepared.trajectory and output_dir.is_dir():
         log.info("fine-tuning in %s already finished with this setup; loading %s", out_dir, output_dir)
         _load_weights(prepared.model, output_dir, lora=lora)
-        _remove_intermediates(out_dir)
+        if is_main_process():
+            _remove_intermediates(out_dir)
         prepared.model.eval()
         return TrainResult(output_dir, config.method, out_dir / METRICS_FILE, finished, prepared.model, prepared.tokenizer)
-    atomic_write_json(out_dir / CONFIG_FILE, prepared.resolved)
+    if is_main_process():
+        atomic_write_json(out_dir / CONFIG_FILE, prepared.resolved)
 
     checkpoints = out_dir / CHECKPOINTS_DIR
     resume = latest_checkpoint(checkpoints)
@@ -806,7 +832,8 @@ def train_sft(
         resumed_step = int(marker["global_step"])
         prior_seconds = float(marker.get("train_seconds", 0.0))
         log.info("resuming from %s (optimizer step %d of %d)", resume, resumed_step, prepared.total_steps)
-    _truncate_sample_order(out_dir / SAMPLE_ORDER_FILE, resumed_step or 0)
+    if is_main_process():
+        _truncate_sample_order(out_dir / SAMPLE_ORDER_FILE, resumed_step or 0)
 
     recorder = _SampleRecorder(out_dir / SAMPLE_ORDER_FILE, [e.id for e in prepared.train_examples])
     greater_is_better = dev_metric is not None
@@ -835,6 +862,8 @@ def train_sft(
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         recorder.close()
+    # The other processes read rank 0's sample order and best weights below.
+    barrier()
     state = trainer.state
     train_seconds = prior_seconds + time.perf_counter() - started
 
@@ -850,7 +879,10 @@ def train_sft(
             )
         log.info("loading the best dev weights from step %d (%s %.4f)", best_step, metric_key, best_value)
         _load_weights(trained_model, best_folder, lora=lora)
-    _save_folder(trained_model, prepared.tokenizer, output_dir, {BASE_FILE: prepared.resolved["base"]} if lora else None)
+    if is_main_process():
+        _save_folder(
+            trained_model, prepared.tokenizer, output_dir, {BASE_FILE: prepared.resolved["base"]} if lora else None
+        )
 
     metrics = _summarise(
         state.log_history,
@@ -868,8 +900,12 @@ def train_sft(
         tokens_seen=state.num_input_tokens_seen,
         trajectory=prepared.trajectory,
     )
-    atomic_write_json(out_dir / METRICS_FILE, metrics)
-    _remove_intermediates(out_dir)
+    if is_main_process():
+        atomic_write_json(out_dir / METRICS_FILE, metrics)
+    # Rank 0 deletes the best weights only after every process has loaded them.
+    barrier()
+    if is_main_process():
+        _remove_intermediates(out_dir)
     log.info(
         "fine-tuning finished: %d optimizer steps, %d tokens in %.0f s; %s written to %s",
         state.global_step,
@@ -916,13 +952,17 @@ def _prepare(
     if config.method == "lora":
         model, lora_info = _attach_lora(model, config)
 
-    # The same step count as transformers' Trainer.set_initial_training_values.
+    # The same step count as transformers' Trainer.set_initial_training_values. Under DDP,
+    # accelerate deals each process every world_size-th batch, padding the last round.
     sequences = len(train_dataset)
-    steps_per_epoch = max(math.ceil(math.ceil(sequences / config.batch_size) / config.grad_accum), 1)
+    processes = world_size()
+    batches_per_process = math.ceil(math.ceil(sequences / config.batch_size) / processes)
+    steps_per_epoch = max(math.ceil(batches_per_process / config.grad_accum), 1)
     total_steps = max_steps if max_steps else math.ceil(config.epochs * steps_per_epoch)
     trajectory = {
         "training": config.model_dump(mode="json", exclude={"save_every"}),
         "max_steps": max_steps,
+        "world_size": processes,
         "base": {k: base_info[k] for k in ("name", "keep_layers", "num_hidden_layers", "parameters", "dtype")},
         "data": _data_fingerprint(train_examples),
         "dev_data": _data_fingerprint(dev_examples) if dev_examples else None,
@@ -944,7 +984,8 @@ def _prepare(
         "tokens": sum(len(e.input_ids) for e in train_examples),
         "trained_tokens": sum(e.trained_tokens for e in train_examples),
         "longest_row_tokens": max(len(e.input_ids) for e in train_examples),
-        "rows_per_optimizer_step": config.batch_size * config.grad_accum,
+        "rows_per_optimizer_step": config.batch_size * config.grad_accum * processes,
+        "world_size": processes,
         "steps_per_epoch": steps_per_epoch,
         "total_steps": total_steps,
         "end_of_turn": end_of_turn,
