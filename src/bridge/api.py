@@ -131,6 +131,7 @@ def estimate(config: BridgeConfig) -> Any:
     from bridge.teacher.estimate import estimate_teacher_cost
 
     splits = load_dataset(config.data)
+    splits.require_examples("train")
     demos = select_demos(
         splits.fewshot or splits.train, config.prompts.few_shot, splits.task, seed=config.seed, need_explanation=True
     )

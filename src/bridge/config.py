@@ -206,7 +206,9 @@ class TeacherConfig(Section):
     base_url: str | None = Field(None, description="Endpoint base URL for the openai backend, such as http://127.0.0.1:8000/v1.")
     model: str = Field("reference", description="Model name sent to the endpoint and looked up in the price table.")
     api_key_env: str = Field(
-        "OPENAI_API_KEY", description="Name of the environment variable holding the API key (the key itself never goes in a file)."
+        "OPENAI_API_KEY",
+        pattern=r"^[A-Za-z_][A-Za-z0-9_]*$",
+        description="Name of the environment variable holding the API key (the key itself never goes in a file).",
     )
     local_model: ModelRef | None = Field(None, description="Model used by the local backend.")
     temperature: float = Field(0.0, ge=0, le=2, description="Sampling temperature.")
@@ -491,23 +493,76 @@ def _fields_at(loc: tuple[Any, ...]) -> list[str]:
     return list(getattr(model, "model_fields", {}))
 
 
-def format_validation_error(error: ValidationError, source: str) -> str:
-    """Format every problem of a validation error as one message naming key, value and fix."""
+#: Words of a key name (split at "_") that suggest a secret: such values are never echoed in messages.
+_SECRET_WORDS = frozenset({"key", "apikey", "token", "secret", "password"})
+
+
+def _names_secret(key: object) -> bool:
+    return bool(_SECRET_WORDS & set(str(key).lower().split("_")))
+
+
+def _key_lines(text: str) -> dict[tuple[str, ...], int]:
+    """Map each key path of a YAML document (list items by index) to its 1-based line."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.YAMLError:
+        return {}
+    lines: dict[tuple[str, ...], int] = {}
+
+    def walk(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                key = (*path, str(key_node.value))
+                lines[key] = key_node.start_mark.line + 1
+                walk(value_node, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                key = (*path, str(index))
+                lines[key] = item.start_mark.line + 1
+                walk(item, key)
+
+    walk(root, ())
+    return lines
+
+
+def format_validation_error(
+    error: ValidationError, source: str, key_lines: dict[tuple[str, ...], int] | None = None
+) -> str:
+    """Format every problem of a validation error as one message naming key, value and fix.
+
+    ``key_lines`` maps key paths to lines of the source file; a key set by an override has none.
+    Values of keys whose names suggest a secret (``api_key_env``) are not shown.
+    """
     lines = [f"{source}: {error.error_count()} invalid setting(s):"]
     for item in error.errors():
         loc = tuple(item["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
+        line = (key_lines or {}).get(tuple(str(p) for p in loc))
+        where = f"line {line}: " if line else ""
         value = item.get("input")
         if item["type"] == "extra_forbidden":
             accepted = _fields_at(loc)
+            secret = (
+                "; secrets never go in a configuration file: export the API key and name its variable in "
+                "teacher.api_key_env"
+                if _names_secret(loc[-1])
+                else ""
+            )
             lines.append(
-                f"  - {path}: unknown key{_suggest(str(loc[-1]), accepted)}; accepted keys here: {', '.join(accepted)}"
+                f"  - {where}{path}: unknown key{_suggest(str(loc[-1]), accepted)}; "
+                f"accepted keys here: {', '.join(accepted)}{secret}"
+            )
+            continue
+        if loc and _names_secret(loc[-1]):
+            lines.append(
+                f"  - {where}{path} (value not shown): {item['msg']}; write the name of an environment "
+                "variable here, such as OPENAI_API_KEY, and export the key in that variable"
             )
             continue
         shown = repr(value)
         if len(shown) > 80:
             shown = shown[:77] + "..."
-        lines.append(f"  - {path} = {shown}: {item['msg']}")
+        lines.append(f"  - {where}{path} = {shown}: {item['msg']}")
     lines.append("Run 'bridge config show' to see every key with its default, or read docs/configuration.md.")
     return "\n".join(lines)
 
@@ -620,7 +675,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     try:
         return BridgeConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, source)) from None
+        key_lines = _key_lines(Path(path).read_text(encoding="utf-8")) if path is not None else None
+        raise ConfigError(format_validation_error(exc, source, key_lines)) from None
 
 
 def default_config_path() -> Path:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class BridgeError(Exception):
     """An error caused by input, configuration or environment that the user can fix.
@@ -38,3 +41,20 @@ class TeacherError(BridgeError):
 
 class StorageError(BridgeError):
     """Reading or writing the run directory failed."""
+
+
+@contextlib.contextmanager
+def naming_setting(key: str, value: object) -> Iterator[None]:
+    """Prefix a :class:`BridgeError` raised inside the block with the setting that caused it.
+
+    Loaders such as ``load_model`` see only a value, so the caller that read it from the
+    configuration names the key here, and the message shows where to fix it.
+    """
+    try:
+        yield
+    except BridgeError as exc:
+        prefix = f"{key} = {value!r}: "
+        if not exc.message.startswith(prefix):
+            exc.message = prefix + exc.message
+            exc.args = (prefix + str(exc.args[0]) if exc.args else exc.message, *exc.args[1:])
+        raise

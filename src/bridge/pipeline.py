@@ -96,14 +96,19 @@ class RunContext:
         """The loaded data set splits (loaded once per process); rejects go to the run directory."""
         from bridge.data import load_dataset
 
-        return load_dataset(self.config.data, rejects_dir=self.run.root)
+        splits = load_dataset(self.config.data, rejects_dir=self.run.root)
+        splits.require_examples("train", "test")
+        return splits
 
     def ta_model(self) -> Any:
         """The untuned teacher assistant, loaded once per process."""
         if "ta" not in self.models:
             from bridge.models.loading import load_model
 
-            self.models["ta"] = load_model(self.config.models.ta)
+            from bridge.errors import naming_setting
+
+            with naming_setting("models.ta.path", self.config.models.ta.path):
+                self.models["ta"] = load_model(self.config.models.ta)
         return self.models["ta"]
 
     def refined_ta(self) -> Any:

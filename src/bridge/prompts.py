@@ -78,12 +78,14 @@ class RenderedPrompt:
 class PromptTooLongError(DataError):
     """An example's question and options alone exceed the prompt token budget."""
 
-    def __init__(self, example_id: str, tokens: int, budget: int) -> None:
+    def __init__(self, example_id: str, tokens: int, budget: int, source: str | None = None) -> None:
         self.example_id = example_id
         self.tokens = tokens
         self.budget = budget
+        self.source = source
+        where = f"{source}: " if source else ""
         super().__init__(
-            f"example {example_id}: the question and options alone take {tokens} tokens, "
+            f"{where}example {example_id}: the question and options alone take {tokens} tokens, "
             f"more than {BUDGET_SETTING} = {budget}",
             hint=f"raise {BUDGET_SETTING}, or set data.skip_invalid: true to skip and count such examples",
         )
@@ -379,7 +381,11 @@ def render_messages(
     )
     messages = [{"role": "system", "content": system if system is not None else default_system(task)}]
     messages.extend(_demo_turns(demos, example, task, style, **settings))
-    user, cut = _user_message(_PromptInputs.of(example), task, style, hint=hint, **settings)
+    try:
+        user, cut = _user_message(_PromptInputs.of(example), task, style, hint=hint, **settings)
+    except PromptTooLongError as exc:
+        # The message names the source file and row, so the user can find the example.
+        raise PromptTooLongError(exc.example_id, exc.tokens, exc.budget, source=_source_of(example)) from None
     messages.append({"role": "user", "content": user})
     return RenderedPrompt(
         messages=messages,
@@ -388,6 +394,15 @@ def render_messages(
         example_id=example.id,
         style=style,
     )
+
+
+def _source_of(example: Example) -> str | None:
+    """Return "file, row" of an example from its adapter's metadata, or None when unknown."""
+    file = example.meta.get("source_file")
+    row = example.meta.get("source_row")
+    if not file:
+        return None
+    return f"{file}: {row}" if row else file
 
 
 def render_all(

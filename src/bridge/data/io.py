@@ -262,8 +262,15 @@ def iter_jsonl(
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
+            shown = line.strip()
+            shown = shown if len(shown) <= 80 else shown[:77] + "..."
             checker.reject(
-                path, f"line {number}", "(json)", f"invalid JSON: {exc.msg}", "write one JSON object per line", line.strip()
+                path,
+                f"line {number}",
+                "(json)",
+                f"invalid JSON at column {exc.colno}: {exc.msg}: {shown}",
+                "write one complete JSON object per line (a line cut short by an interrupted copy is invalid)",
+                line.strip(),
             )
             continue
         yield current, number, obj

@@ -51,6 +51,18 @@ class DatasetSplits:
         """Return the example ids of each split, in split order, so a run can store its splits."""
         return {name: [e.id for e in examples] for name, examples in self.by_split().items()}
 
+    def require_examples(self, *names: str) -> None:
+        """Raise :class:`DataError` naming the data files when one of the named splits is empty."""
+        empty = [name for name in names if not self.split(name)]
+        if not empty:
+            return
+        files = ", ".join(self.report.get("files") or []) or "its files"
+        raise DataError(
+            f"data set '{self.task.name}': the {' and '.join(empty)} split(s) are empty after loading {files}",
+            hint="check that the files hold data rows, lower data.dev_fraction and data.test_fraction, "
+            "or give more rows (rejected rows are listed in the loading report)",
+        )
+
     def split(self, name: str) -> list[Example]:
         """Return one split by name (train, dev, test or fewshot)."""
         splits = self.by_split()

@@ -38,7 +38,10 @@ def run(ctx: Any) -> dict[str, Any]:
             from bridge.errors import ConfigError
 
             raise ConfigError("teacher.backend = local needs teacher.local_model", hint="set teacher.local_model.path")
-        local = {"local_model": load_model(cfg.teacher.local_model), "local_generate": generate}
+        from bridge.errors import naming_setting
+
+        with naming_setting("teacher.local_model.path", cfg.teacher.local_model.path):
+            local = {"local_model": load_model(cfg.teacher.local_model), "local_generate": generate}
 
     tokenizer = ctx.ta_model().tokenizer if cfg.prompts.max_context_tokens else None
     result = buy_rationales(

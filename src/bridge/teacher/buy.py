@@ -24,7 +24,7 @@ from typing import Any
 
 from bridge.config import BudgetConfig, TeacherConfig
 from bridge.data.types import Example, TaskSpec
-from bridge.errors import BudgetError, TeacherError
+from bridge.errors import BudgetError, TeacherError, naming_setting
 from bridge.teacher.backends import Backend, Redactor, TeacherRequest, make_backend
 from bridge.teacher.budget import (
     PromptTokenBound,
@@ -140,7 +140,8 @@ def buy_rationales(
     from bridge.prompts import render_messages, target_answer
 
     price = resolve_price(teacher_cfg)
-    bound_tokenizer = load_bound_tokenizer(teacher_cfg)
+    with naming_setting("teacher.tokenizer", teacher_cfg.tokenizer):
+        bound_tokenizer = load_bound_tokenizer(teacher_cfg)
     prompt_bound = PromptTokenBound(bound_tokenizer)
 
     def count_text(text: str) -> int:

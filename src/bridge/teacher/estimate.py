@@ -12,6 +12,7 @@ from typing import Any
 
 from bridge.config import BudgetConfig, PromptConfig, TeacherConfig
 from bridge.data.types import Example, TaskSpec
+from bridge.errors import naming_setting
 from bridge.teacher.backends import is_loopback_url, public_endpoint
 from bridge.teacher.budget import (
     Caps,
@@ -91,7 +92,8 @@ def estimate_teacher_cost(
     from bridge.prompts import format_target, render_messages, target_answer
 
     price: Price = resolve_price(teacher)
-    tokenizer = load_bound_tokenizer(teacher)
+    with naming_setting("teacher.tokenizer", teacher.tokenizer):
+        tokenizer = load_bound_tokenizer(teacher)
     bound = PromptTokenBound(tokenizer)
     call_cap = call_cap_for(budget, len(pool))
     caps = caps_from_config(budget, call_cap)

@@ -96,7 +96,14 @@ def load(cfg: DataConfig, root: Path | None, checker: RowChecker) -> SourceData:
     loaded: dict[str, list[Example]] = {}
     for split, raw in files.items():
         if raw is not None:
-            loaded[split] = list(reader.read(resolve_file(raw, cfg), split))
+            path = resolve_file(raw, cfg)
+            rejected = len(checker.rejects)
+            loaded[split] = list(reader.read(path, split))
+            if not loaded[split] and len(checker.rejects) == rejected:
+                raise DataError(
+                    f"{path}: the {split} file holds no data rows",
+                    hint=f"fill the file, or point data.{split}_file at another one",
+                )
 
     carve = tuple(split for split in ("test", "dev") if split not in loaded)
     rules = ["train: the train file" + (f", minus the {' and '.join(carve)} split(s) carved from it" if carve else "")]
@@ -231,7 +238,15 @@ class _RowReader:
         if question is _MISSING:
             check.reject(path, location, fields.question, "missing field (question)", "add the field or set data.fields.question to the field that holds the question", record)
             return None
-        if not isinstance(question, str) or not question.strip():
+        if not isinstance(question, str):
+            check.reject(
+                path, location, fields.question,
+                f"expected text, found {type(question).__name__} {_raw_text(question)[:80]}",
+                "write the question as a JSON string, or set data.fields.question to the field that holds the question",
+                record,
+            )
+            return None
+        if not question.strip():
             check.reject(path, location, fields.question, "empty question", "write the question text, or remove the row", record)
             return None
 
