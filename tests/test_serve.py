@@ -296,6 +296,19 @@ def test_completion_text_and_logprobs_match_generate(client, lm):
     assert echoed.choices[0].logprobs is None
 
 
+def test_option_scores_over_http_match_in_process(client, lm):
+    from bridge.models.inference import score_options
+
+    prompt, options = PROMPTS[0], [" yes", " no", " maybe"]
+    response = client.completions.create(
+        model=MODEL, prompt=[prompt + option for option in options], max_tokens=0, echo=True, logprobs=0
+    )
+    prompt_length = len(lm.encode(prompt))
+    over_http = [sum(choice.logprobs.token_logprobs[prompt_length:]) for choice in response.choices]
+    [in_process] = score_options(lm, [prompt], [options], length_norm="sum", progress=False)
+    assert over_http == pytest.approx(in_process.logprobs, abs=1e-4)
+
+
 # --------------------------------------------------------------------------------------------
 # Invalid requests
 
@@ -454,7 +467,11 @@ def test_serve_command_stops_on_interrupt(tmp_path, tiny_model_dir):
         assert over.status_code == 400
         assert over.json()["error"]["param"] == "max_tokens"
     finally:
+        # Twice, as an impatient user presses Ctrl-C.
+        process.send_signal(signal.SIGINT)
         process.send_signal(signal.SIGINT)
         rest, _ = process.communicate(timeout=30)
     assert process.returncode == 0, rest
     assert "server stopped" in rest
+    assert "Traceback" not in rest
+

@@ -763,8 +763,10 @@ def _url(sock: socket.socket) -> str:
 def _uvicorn_server(app: FastAPI) -> Any:
     import uvicorn
 
-    # log_config=None keeps the process's logging setup; uvicorn's own loggers propagate to it.
-    config = uvicorn.Config(app, log_config=None, access_log=False, timeout_graceful_shutdown=5)
+    # log_config=None keeps the process's logging setup, and uvicorn's own loggers propagate to it.
+    # The app has no startup or shutdown hooks. With lifespan on, a second Ctrl-C logs a
+    # CancelledError traceback from the lifespan task (uvicorn 0.55).
+    config = uvicorn.Config(app, log_config=None, access_log=False, lifespan="off", timeout_graceful_shutdown=5)
     return uvicorn.Server(config)
 
 
