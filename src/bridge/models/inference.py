@@ -280,8 +280,8 @@ def token_logprobs(
 ) -> list[TokenLogprobs]:
     """Return the log-probability of each token of each row of token ids, in input order.
 
-    One teacher-forced forward pass per batch of left-padded rows; an OpenAI-compatible
-    server returns these as the prompt log-probabilities of ``echo=true``.
+    Each batch of left-padded rows takes one teacher-forced forward pass. An OpenAI-compatible
+    server returns these values as the prompt log-probabilities of ``echo=true``.
     """
     import torch
 
