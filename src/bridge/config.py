@@ -172,10 +172,67 @@ class ModelRef(Section):
     )
 
 
+class ServerEngineConfig(Section):
+    """OpenAI-compatible servers (vLLM, SGLang, llama.cpp, bridge serve) that run the TA's inference."""
+
+    endpoints: list[str] = Field(
+        default_factory=list,
+        description=(
+            "Base URLs of the servers, each ending in /v1 (http://127.0.0.1:8000/v1); requests are spread "
+            "over all of them. Every server must serve the same weights as models.ta.path."
+        ),
+    )
+    model: str | None = Field(
+        None, description="Model name to request from the servers; the first id of GET /v1/models when unset."
+    )
+    api_key_env: str | None = Field(
+        None, description="Environment variable holding the servers' API key; no key is sent when unset."
+    )
+    concurrency: int = Field(4, ge=1, description="Requests in flight per endpoint.")
+    timeout_s: float = Field(600.0, gt=0, description="Seconds one request may take before it times out.")
+    max_retries: int = Field(
+        2, ge=0, description="Retries of a request after a connection error, a timeout, a 429 or a 5xx status."
+    )
+
+    @model_validator(mode="after")
+    def _endpoints_are_urls(self) -> ServerEngineConfig:
+        bad = [url for url in self.endpoints if not url.startswith(("http://", "https://"))]
+        if bad:
+            raise ValueError(f"endpoints must be http:// or https:// URLs ending in /v1, not {bad}")
+        return self
+
+
+class RayEngineConfig(Section):
+    """Ray Data batch inference: batches of the TA's work spread over Ray workers, each with its own copy."""
+
+    address: str | None = Field(
+        None,
+        description=(
+            "Ray cluster to join (auto, or ray://host:port); when unset, the running Ray of this process is used, "
+            "or a local one is started on 127.0.0.1."
+        ),
+    )
+    workers: int = Field(2, ge=1, description="Ray Data tasks run at once, each holding one copy of the TA.")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs each task reserves.")
+    gpus_per_worker: float = Field(0.0, ge=0, description="GPUs each task reserves; 1 gives every copy its own GPU.")
+
+
 class ModelsConfig(Section):
     """The teacher assistant, the student and the sentence encoder."""
 
     ta: ModelRef = Field(default_factory=ModelRef, description="Teacher assistant (TA).")
+    ta_engine: Literal["transformers", "openai_server", "ray"] = Field(
+        "transformers",
+        description=(
+            "Where the untuned TA's scoring, embedding and generation run: transformers in this process, "
+            "openai_server over models.ta_server.endpoints, or ray over Ray Data workers (models.ta_ray). "
+            "Fine-tuning always loads the weights in this process."
+        ),
+    )
+    ta_server: ServerEngineConfig = Field(
+        default_factory=ServerEngineConfig, description="Servers used when ta_engine is openai_server."
+    )
+    ta_ray: RayEngineConfig = Field(default_factory=RayEngineConfig, description="Ray settings used when ta_engine is ray.")
     student: ModelRef = Field(
         default_factory=lambda: ModelRef(keep_layers=[0, 5, 10, 15, 20, 25, 29]),
         description="Student; by default 7 of SmolLM2-135M's 30 layers.",
@@ -184,6 +241,15 @@ class ModelsConfig(Section):
         "packaged:all-minilm-l6-v2",
         description="Sentence encoder for embeddings: a local folder, a hub id, or packaged:all-minilm-l6-v2.",
     )
+
+    @model_validator(mode="after")
+    def _server_engine_has_endpoints(self) -> ModelsConfig:
+        if self.ta_engine == "openai_server" and not self.ta_server.endpoints:
+            raise ValueError(
+                "models.ta_engine is openai_server but models.ta_server.endpoints is empty: "
+                "list the servers' base URLs, such as [http://127.0.0.1:8000/v1]"
+            )
+        return self
 
 
 # --------------------------------------------------------------------------------------------

@@ -101,14 +101,17 @@ class RunContext:
         return splits
 
     def ta_model(self) -> Any:
-        """The untuned teacher assistant, loaded once per process."""
-        if "ta" not in self.models:
-            from bridge.models.loading import load_model
+        """The untuned teacher assistant on the configured engine (``models.ta_engine``), loaded once per process.
 
+        The transformers engine returns a ``LocalModel``; the others return an engine object
+        from :mod:`bridge.engines`, which loads the weights here only when a stage trains them.
+        """
+        if "ta" not in self.models:
+            from bridge.engines import load_engine
             from bridge.errors import naming_setting
 
             with naming_setting("models.ta.path", self.config.models.ta.path):
-                self.models["ta"] = load_model(self.config.models.ta)
+                self.models["ta"] = load_engine(self.config.models)
         return self.models["ta"]
 
     def refined_ta(self) -> Any:

@@ -126,13 +126,22 @@ def subset_size(cfg: Any, pool_size: int) -> int:
 
 def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any]], kind: str) -> list[dict[str, Any]]:
     """Score every example once, persisting each chunk; return rows in pool order."""
-    from bridge.models.inference import GenerationRequest, embed, generate, score_options
+    from bridge import engines
 
     cfg = ctx.config
     out = ctx.stage_dir("select")
     emb_dir = ensure_dir(out / "embeddings")
     scores_path = out / "scores.jsonl"
+    ta_hidden = cfg.selection.embedding == "ta_hidden"
+    if ta_hidden:
+        engines.require(lm, "hidden_states")
+    if kind == "token_entropy":
+        engines.require(lm, "token_entropy")
     stored = {row["id"]: row for row in read_rows(scores_path) if (emb_dir / _chunk_name(row["chunk"])).exists()}
+    if ta_hidden:
+        # Chunks scored for the sentence encoder hold width-1 placeholders, not TA embeddings.
+        widths = {n: _chunk_width(emb_dir / _chunk_name(n)) for n in {row["chunk"] for row in stored.values()}}
+        stored = {i: row for i, row in stored.items() if widths[row["chunk"]] > 1}
     size = cfg.selection.batch_size * _CHUNK_BATCHES
     chunks = [items[i : i + size] for i in range(0, len(items), size)]
 
@@ -144,20 +153,24 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
             if kind in ("option_entropy", "gold_prob"):
                 texts = [scoring_prompt(r, lm.tokenizer) for _, r in chunk]
                 # The TA embedding comes from the same forward pass as the option scores.
-                results = score_options(
+                results = engines.score_options(
                     lm,
                     texts,
                     [option_continuations(task, e) for e, _ in chunk],
                     batch_size=cfg.selection.batch_size,
-                    with_embeddings=True,
+                    with_embeddings=ta_hidden,
                 )
                 rows = [_closed_row(task, e, t, s, kind) for (e, _), t, s in zip(chunk, texts, results, strict=True)]
-                vectors = np.stack([r.embedding for r in results])
+                if ta_hidden:
+                    vectors = np.stack([r.embedding for r in results])
+                else:
+                    # The sentence encoder embeds the examples later; the file marks the chunk done.
+                    vectors = np.zeros((len(chunk), 1), dtype=np.float32)
             else:
                 texts = [render_text(r, lm.tokenizer) for _, r in chunk]
-                rows = _open_rows(cfg, lm, task, chunk, texts, kind, generate, GenerationRequest)
-                if cfg.selection.embedding == "ta_hidden":
-                    vectors = embed(lm, texts, batch_size=cfg.selection.batch_size)
+                rows = _open_rows(cfg, lm, task, chunk, texts, kind, engines.generate, _chat_requests(chunk))
+                if ta_hidden:
+                    vectors = engines.embed(lm, texts, batch_size=cfg.selection.batch_size)
                 else:
                     # The sentence encoder embeds the examples later; the file marks the chunk done.
                     vectors = np.zeros((len(chunk), 1), dtype=np.float32)
@@ -167,6 +180,26 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
                 writer.append(row)
                 stored[row["id"]] = row
     return [stored[example.id] for example, _ in items]
+
+
+def _chunk_width(path: Any) -> int:
+    """Return the embedding width stored in a chunk file, reading only its header."""
+    return int(np.load(path, mmap_mode="r").shape[1])
+
+
+def _chat_requests(chunk: list[tuple[Example, Any]]) -> Any:
+    """Return a request factory for :func:`_open_rows` whose requests carry each example's chat messages.
+
+    A server engine sends the messages to a chat endpoint; local engines continue the prompt text.
+    """
+    from bridge.engines import ChatGenerationRequest
+
+    messages = {example.id: rendered.messages for example, rendered in chunk}
+
+    def request(id: str, prompt: str) -> ChatGenerationRequest:
+        return ChatGenerationRequest(id=id, prompt=prompt, messages=messages[id])
+
+    return request
 
 
 def _closed_row(task: TaskSpec, example: Example, text: str, score: Any, kind: str) -> dict[str, Any]:
