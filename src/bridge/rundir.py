@@ -39,13 +39,73 @@ _VERSIONED_PACKAGES = (
 
 def _storage_error(path: Path, exc: OSError, action: str) -> StorageError:
     hints = {
-        errno.ENOSPC: "free disk space or point output.runs_dir at a larger disk, then rerun: finished work is kept",
-        errno.ENOTDIR: "a part of this path is a regular file: move it away or choose another output.runs_dir",
-        errno.EACCES: "make the folder writable or choose another output.runs_dir",
-        errno.EROFS: "the file system is read-only: choose another output.runs_dir",
+        errno.ENOSPC: "free disk space, or write to a larger disk (output.runs_dir for a run), then rerun: "
+        "finished work is kept",
+        errno.ENOTDIR: "a part of this path is a regular file: move it away, or choose another folder "
+        "(output.runs_dir for a run)",
+        errno.EACCES: "make the folder writable, or choose another folder (output.runs_dir for a run)",
+        errno.EROFS: "the file system is read-only: choose another folder (output.runs_dir for a run)",
     }
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     return StorageError(f"cannot {action} {path}: {reason}", hint=hints.get(exc.errno or 0, "check the path and rerun"))
+
+
+#: errno values that mean the storage, not the program, is at fault.
+_STORAGE_ERRNOS = frozenset(
+    code
+    for code in (errno.ENOSPC, getattr(errno, "EDQUOT", None), errno.EROFS, errno.EACCES, errno.EPERM,
+                 errno.ENOTDIR, errno.EFBIG, errno.EIO)
+    if code is not None
+)
+#: Texts of failed writes from torch.save (a RuntimeError from its C++ stream writer) and from
+#: safetensors (SafetensorError); neither exception carries an errno.
+_WRITE_FAILURE_MARKERS = ("inline_container.cc", "PytorchStreamWriter", "os error 28", "No space left on device")
+#: Free space below which a write that failed without an errno is reported as a full disk.
+_NEARLY_FULL_BYTES = 16 * 2**20
+
+
+def _free_bytes(path: Path) -> int | None:
+    """Return the free bytes of the file system holding ``path`` (or its nearest existing parent)."""
+    import shutil
+
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            try:
+                return shutil.disk_usage(candidate).free
+            except OSError:
+                return None
+    return None
+
+
+@contextlib.contextmanager
+def storage_errors(path: Path, action: str) -> Iterator[None]:
+    """Raise :class:`StorageError` naming ``path`` when a write in the block fails for lack of space or access.
+
+    Libraries that save weights and checkpoints (torch.save, safetensors) raise their own
+    exceptions on a full disk, which would otherwise reach the user as a traceback. Other
+    errors pass through unchanged.
+    """
+    try:
+        yield
+    except StorageError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _STORAGE_ERRNOS:
+            raise
+        raise _storage_error(path, exc, action) from exc
+    except Exception as exc:
+        text = str(exc)
+        if not any(marker in text for marker in _WRITE_FAILURE_MARKERS):
+            raise
+        free = _free_bytes(path)
+        full = "os error 28" in text or "No space left" in text or (free is not None and free < _NEARLY_FULL_BYTES)
+        if full:
+            raise _storage_error(path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), action) from exc
+        first_line = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+        raise StorageError(
+            f"cannot {action} {path}: the write failed ({first_line}); {free} bytes are free there",
+            hint="check the disk and the path, then rerun: finished work is kept",
+        ) from exc
 
 
 def ensure_dir(path: Path) -> Path:
@@ -105,6 +165,7 @@ class RowWriter:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._failed = False
         ensure_dir(path.parent)
         _truncate_torn_tail(path)
         try:
@@ -119,6 +180,7 @@ class RowWriter:
             self._handle.flush()
             os.fsync(self._handle.fileno())
         except OSError as exc:
+            self._failed = True
             raise _storage_error(self.path, exc, "append to") from None
 
     def extend(self, rows: Iterable[dict[str, Any]]) -> None:
@@ -126,7 +188,14 @@ class RowWriter:
             self.append(row)
 
     def close(self) -> None:
-        self._handle.close()
+        """Close the file; after a failed append, the row still buffered is dropped, not retried."""
+        try:
+            self._handle.close()  # closes the file descriptor even when the final flush fails
+        except OSError as exc:
+            # The append that failed has already raised; a second error here would hide it.
+            # The torn last line it may leave is cut when the file is next opened.
+            if not self._failed:
+                raise _storage_error(self.path, exc, "close") from None
 
     def __enter__(self) -> RowWriter:
         return self

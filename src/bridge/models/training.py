@@ -58,6 +58,7 @@ from bridge.rundir import (
     package_versions,
     read_json,
     read_rows,
+    storage_errors,
 )
 
 if TYPE_CHECKING:
@@ -461,19 +462,20 @@ def _truncate_sample_order(path: Path, last_step: int) -> None:
 def _save_folder(model: Any, tokenizer: Any, folder: Path, extra: dict[str, Any] | None = None) -> Path:
     """Save weights (safetensors) and tokenizer into ``folder`` atomically through a staging folder."""
     ensure_dir(folder.parent)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
-    try:
-        model.save_pretrained(staging, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        for name, payload in (extra or {}).items():
-            atomic_write_json(staging / name, payload)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with storage_errors(folder, "save the model to"):
+        staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
+        try:
+            model.save_pretrained(staging, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(staging)
+            for name, payload in (extra or {}).items():
+                atomic_write_json(staging / name, payload)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return folder
 
 
@@ -859,7 +861,9 @@ def train_sft(
 
     started = time.perf_counter()
     try:
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        # A checkpoint cut short by a full disk has no marker, so the next run resumes from the one before.
+        with storage_errors(checkpoints, "write a checkpoint in"):
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     finally:
         recorder.close()
     # The other processes read rank 0's sample order and best weights below.
