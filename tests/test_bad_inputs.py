@@ -194,7 +194,7 @@ def run_cli(*args: str) -> CliResult:
             bridge.cli.main()
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else 1
-    except BaseException:  # noqa: BLE001 - the traceback is what the test reports
+    except BaseException:  # the traceback is what the test reports
         code = None
         err.write(traceback.format_exc())
     finally:

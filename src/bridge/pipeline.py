@@ -125,6 +125,9 @@ class RunContext:
             if (folder / ADAPTER_DIR).is_dir():
                 from peft import PeftModel
 
+                from bridge.models.loading import require_safetensors
+
+                require_safetensors(folder / ADAPTER_DIR, "adapter")
                 merged = PeftModel.from_pretrained(base.model, folder / ADAPTER_DIR).merge_and_unload()
                 self.models["ta_refined"] = as_local_model(merged, base.tokenizer)
             elif (folder / MODEL_DIR).is_dir():
@@ -188,6 +191,11 @@ def run_pipeline(
     stops after it; ``only`` runs one stage (after checking that its inputs are complete).
     Returns each executed or skipped stage's summary.
     """
+    if config.threads is not None:
+        import torch
+
+        # Results on CPU depend on the thread count, so a resumed run must use the same one.
+        torch.set_num_threads(config.threads)
     run = run_dir_for(config)
     run.write_metadata(dump_config(config), {"seed": config.seed})
     ctx = RunContext(config=config, run=run, yes=yes, fingerprints=compute_fingerprints(config))

@@ -318,6 +318,32 @@ def _convert_into(gguf_path: Path, staging: Path, ref: str) -> None:
 # --------------------------------------------------------------------------------------------
 # Loading
 
+#: Suffixes of weight files in pickle formats, which bridge never loads: unpickling can run code.
+PICKLE_WEIGHT_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def require_safetensors(folder: Path, what: str = "model") -> None:
+    """Raise :class:`ModelLoadError` when ``folder`` has no ``*.safetensors`` weights.
+
+    The message names pickle weight files (``pytorch_model.bin``) found instead and why they
+    are not loaded, so a user converts them rather than looking for a missing file.
+    """
+    folder = Path(folder)
+    if any(folder.glob("*.safetensors")):
+        return
+    pickled = sorted(p.name for p in folder.iterdir() if p.suffix in PICKLE_WEIGHT_SUFFIXES) if folder.is_dir() else []
+    if pickled:
+        raise ModelLoadError(
+            f"{what} folder {folder} holds weights only in pickle format ({', '.join(pickled[:5])}), "
+            "which bridge does not load because unpickling a file can run arbitrary code",
+            hint="convert the weights to safetensors in an environment you trust (load the model there and call "
+            "save_pretrained(folder, safe_serialization=True)), or use a release that ships *.safetensors",
+        )
+    raise ModelLoadError(
+        f"{what} folder {folder} has no *.safetensors weights",
+        hint="point the path at a folder written by save_pretrained (config.json, *.safetensors, tokenizer files)",
+    )
+
 
 def pick_device(device: str) -> torch.device:
     """Return the torch device for a configured ``device`` (auto picks cuda when present)."""
@@ -364,6 +390,7 @@ def load_model(ref: ModelRef, *, padding_side: str = "left") -> LocalModel:
     if ref.trust_remote_code:
         log.warning("trust_remote_code is on for %s: code shipped with the model will run", ref.path)
 
+    require_safetensors(folder)
     started = time.perf_counter()
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=ref.trust_remote_code)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from bridge.errors import BridgeError
+from bridge.models.loading import require_safetensors
 from bridge.rundir import atomic_write_json, ensure_dir
 
 if TYPE_CHECKING:
@@ -68,6 +69,7 @@ def merge_adapter(
     base_weights = {name: p.detach().clone() for name, p in model.state_dict().items()}
     input_ids = _verification_ids(tokenizer)
 
+    require_safetensors(adapter_dir, "adapter")
     try:
         with warnings.catch_warnings():
             # peft 0.21 reads model.is_gradient_checkpointing, which transformers 5.25 deprecates.

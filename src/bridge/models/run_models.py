@@ -86,6 +86,9 @@ def _merge_adapter(lm: LocalModel, adapter: Path) -> LocalModel:
     """Apply the LoRA adapter in ``adapter`` to ``lm`` and merge it into the weights, in memory."""
     from peft import PeftModel
 
+    from bridge.models.loading import require_safetensors
+
+    require_safetensors(adapter, "adapter")
     try:
         adapted = PeftModel.from_pretrained(lm.model, adapter, is_trainable=False)
     except (OSError, ValueError, RuntimeError, KeyError) as exc:

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import shutil
 import tempfile
@@ -449,6 +450,29 @@ def _check_resume_config(checkpoint: Path, trajectory: dict[str, Any]) -> None:
             f"checkpoint {checkpoint} was written with a different training setup ({details})",
             hint=f"restore the previous settings and data to resume, or delete {checkpoint.parent} to start over",
         )
+
+
+def _unsafe_checkpoint_error(checkpoint: Path) -> TrainingError:
+    """Build the error for a checkpoint whose state files ``torch.load(weights_only=True)`` rejects."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    rejected = []
+    for path in sorted(checkpoint.iterdir()):
+        if path.suffix not in (".pt", ".pth", ".bin") or path.name == "training_args.bin":
+            continue  # the Trainer never loads training_args.bin when it resumes
+        try:
+            # The same allowlist as the Trainer's: the RNG state holds numpy arrays.
+            with safe_globals():
+                torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # any failure marks the file as one the Trainer cannot load
+            rejected.append(path.name)
+    return TrainingError(
+        f"checkpoint {checkpoint}: {', '.join(rejected) or 'a state file'} contains pickled objects other than "
+        "tensors, which bridge does not load because unpickling can run arbitrary code",
+        hint=f"bridge writes only tensors there, so treat the run directory as tampered with; delete {checkpoint} "
+        f"to resume from an earlier checkpoint, or {checkpoint.parent} to start over",
+    )
 
 
 def _truncate_sample_order(path: Path, last_step: int) -> None:
@@ -864,6 +888,12 @@ def train_sft(
         # A checkpoint cut short by a full disk has no marker, so the next run resumes from the one before.
         with storage_errors(checkpoints, "write a checkpoint in"):
             trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    except pickle.UnpicklingError:
+        # The Trainer loads optimizer, scheduler and RNG state with torch.load(weights_only=True),
+        # which rejects pickled objects other than tensors and containers without running them.
+        if resume is None:
+            raise
+        raise _unsafe_checkpoint_error(resume) from None
     finally:
         recorder.close()
     # The other processes read rank 0's sample order and best weights below.

@@ -184,7 +184,7 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
 
 def _chunk_width(path: Any) -> int:
     """Return the embedding width stored in a chunk file, reading only its header."""
-    return int(np.load(path, mmap_mode="r").shape[1])
+    return int(np.load(path, mmap_mode="r", allow_pickle=False).shape[1])
 
 
 def _chat_requests(chunk: list[tuple[Example, Any]]) -> Any:
@@ -273,7 +273,7 @@ def load_embeddings(out: Any, scored: list[dict[str, Any]]) -> np.ndarray:
     for row in scored:
         chunk = row["chunk"]
         if chunk not in cache:
-            cache[chunk] = np.load(out / "embeddings" / _chunk_name(chunk))
+            cache[chunk] = np.load(out / "embeddings" / _chunk_name(chunk), allow_pickle=False)
         vectors.append(cache[chunk][row["row"]])
     return np.stack(vectors) if vectors else np.zeros((0, 1), dtype=np.float32)
 

@@ -333,7 +333,9 @@ class Teacher:
         settlement = self.ledger.settle_response(
             attempt_id,
             self._info(request, key, attempt),
-            text=reply.text,
+            # A reply can quote the key (a proxy echoing headers), and stored text reaches the
+            # run directory, training data and logs, so it is redacted like error messages.
+            text=self.redact(reply.text),
             finish_reason=reply.finish_reason,
             prompt_tokens=reply.prompt_tokens,
             completion_tokens=reply.completion_tokens,
