@@ -334,6 +334,11 @@ class BudgetConfig(Section):
     def _one_size_rule(self) -> BudgetConfig:
         if self.fraction is not None and self.count is not None:
             raise ValueError("set only one of budget.fraction and budget.count (set the other to null)")
+        if self.fraction is None and self.count is None and self.max_cost_usd is None:
+            raise ValueError(
+                "the subset size is undefined: set budget.fraction, budget.count, or budget.max_cost_usd "
+                "(with fraction and count null, the subset is the calls the money buys)"
+            )
         return self
 
 
@@ -358,7 +363,7 @@ class SelectionConfig(Section):
     selector: Literal["facility", "kcenter", "cluster", "random", "difficulty", "coverage"] = Field(
         "facility",
         description=(
-            "facility: lazy greedy on lambda * difficulty + (1 - lambda) * coverage; kcenter: difficulty-weighted "
+            "facility: greedy on lambda * difficulty + (1 - lambda) * coverage; kcenter: difficulty-weighted "
             "k-center greedy; cluster: k-means, hardest per cluster; random, difficulty, coverage: ablations."
         ),
     )
@@ -370,11 +375,20 @@ class SelectionConfig(Section):
         None, gt=0, le=1, description="Drop examples whose cosine similarity to an earlier one reaches this value."
     )
     clusters: int | None = Field(
-        None, ge=1, description="k-means clusters for the cluster selector and for partitioning large pools; sqrt(N) when unset."
+        None, ge=1, description="k-means clusters for the cluster selector; round(sqrt(N)) when unset."
     )
-    neighbours: int = Field(32, ge=1, description="Neighbours per point in the approximate graph for large pools.")
     exact_max_pool: int = Field(
-        20000, ge=1, description="Pools up to this size use an exact similarity matrix; larger ones partition."
+        20000,
+        ge=1,
+        description=(
+            "Pools up to this size use the exact N x N similarity matrix (float32: 1.6 GB at 20,000); "
+            "larger pools are split into k-means partitions and a point is covered only from its own partition."
+        ),
+    )
+    partition_size: int = Field(
+        1000,
+        ge=1,
+        description="Target size of the k-means partitions of a pool above exact_max_pool, in examples; none holds more than twice this.",
     )
     batch_size: int = Field(8, ge=1, description="Examples per forward pass while scoring.")
 
