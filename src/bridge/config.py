@@ -445,8 +445,21 @@ class TutoringConfig(Section):
     temperature: float = Field(0.7, ge=0, le=2, description="Sampling temperature for samples after the first (greedy) one.")
     max_new_tokens: int = Field(128, ge=1, description="Longest rationale in tokens; a rationale that hits it is dropped as truncated.")
     demonstrations: int = Field(0, ge=0, description="Most similar teacher rows shown as in-context demonstrations.")
+    max_rationale_tokens: int | None = Field(
+        112,
+        ge=1,
+        description="Drop a rationale whose text before the answer line is longer than this many TA tokens; no cap when null.",
+    )
+    min_reasoning_words: int = Field(
+        5,
+        ge=0,
+        description=(
+            "Drop a guided rationale with fewer words than this once its sentences that state the answer are removed "
+            "(a mere restatement of the hint)."
+        ),
+    )
     near_duplicate_threshold: float = Field(
-        0.95, gt=0, le=1, description="Drop a rationale whose token-set Jaccard similarity to a kept one reaches this value."
+        0.95, gt=0, le=1, description="Drop a rationale whose word-set Jaccard similarity to a kept one reaches this value."
     )
     batch_size: int = Field(8, ge=1, description="Prompts per generation batch.")
 
@@ -465,7 +478,49 @@ class CurriculumStage(Section):
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the label task in step_by_step.")
     epochs: float = Field(2.0, gt=0, description="Passes over the stage's rows.")
     learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
-    order: Literal["shuffled", "easy_to_hard"] = Field("shuffled", description="Row order; easy_to_hard uses Phase 1 difficulty.")
+    order: Literal["shuffled", "easy_to_hard"] = Field(
+        "shuffled",
+        description="Row order: shuffled each epoch, or easy_to_hard by Phase 1 difficulty (the same order every epoch).",
+    )
+    mix_file: str | None = Field(
+        None,
+        description=(
+            "JSONL file of extra rows mixed into an sft stage, such as a general instruction set: "
+            '{"messages": [...]} ending with the assistant reply, or {"instruction", "input", "output"}.'
+        ),
+    )
+    mix_rows: int | None = Field(None, ge=1, description="Rows drawn from mix_file with the run's seed; all when unset.")
+    gkd_beta: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="gkd: interpolation of the generalised JSD; 0 is KL(TA || student), 1 is KL(student || TA).",
+    )
+    gkd_lambda: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="gkd: share of steps on completions the student samples itself; the others use the tutoring rationales.",
+    )
+    gkd_temperature: float = Field(0.9, gt=0, le=2, description="gkd: sampling temperature of the student's own completions.")
+
+    @model_validator(mode="after")
+    def _loss_fits_data(self) -> CurriculumStage:
+        import re
+
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.name) or self.name == "model":
+            raise ValueError(
+                f"stage name {self.name!r} must be a folder name of letters, digits, '.', '_' or '-', and not 'model'"
+            )
+        if (self.loss == "gkd") != (self.data == "distill"):
+            raise ValueError(f"stage {self.name}: data distill goes with loss gkd and only with it")
+        if self.loss == "step_by_step" and self.data not in ("rationales", "teacher_rationales"):
+            raise ValueError(f"stage {self.name}: loss step_by_step needs data rationales or teacher_rationales")
+        if self.mix_file is not None and self.loss != "sft":
+            raise ValueError(f"stage {self.name}: mix_file is only read by sft stages")
+        if self.mix_rows is not None and self.mix_file is None:
+            raise ValueError(f"stage {self.name}: mix_rows is set but mix_file is not")
+        return self
 
 
 def _default_stages() -> list[CurriculumStage]:
@@ -483,6 +538,25 @@ class StudentConfig(Section):
         default_factory=lambda: TrainingConfig(method="full", learning_rate=5e-4),
         description="Fine-tuning settings; each stage overrides epochs and learning rate.",
     )
+    curriculum: bool = Field(
+        True,
+        description=(
+            "Run every stage in order; false runs only the first stage with data rationales, from the untrained "
+            "student (the no-curriculum baseline)."
+        ),
+    )
+
+    @model_validator(mode="after")
+    def _stages_are_runnable(self) -> StudentConfig:
+        if not self.stages:
+            raise ValueError("student.stages is empty: list at least one training stage")
+        names = [stage.name for stage in self.stages]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"student.stages repeats the stage name(s) {repeated}: give every stage its own name")
+        if not self.curriculum and not any(stage.data == "rationales" for stage in self.stages):
+            raise ValueError("student.curriculum is false but no stage has data rationales, so nothing would run")
+        return self
 
 
 class EvalConfig(Section):

@@ -144,6 +144,14 @@ class RunContext:
             self.models.pop("ta", None)
         return self.models["ta_refined"]
 
+    def student_model(self) -> Any:
+        """The untrained student (``models.student``, layers kept as configured), loaded once per process."""
+        if "student" not in self.models:
+            from bridge.models.loading import load_model
+
+            self.models["student"] = load_model(self.config.models.student)
+        return self.models["student"]
+
     def release_models(self) -> None:
         """Drop loaded models so the next stage has the memory."""
         self.models.clear()
