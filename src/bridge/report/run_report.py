@@ -131,7 +131,7 @@ def build_run_report(root: Path, out: Path) -> Document:
     ta_metrics = _load(root / "train_ta" / "metrics.json")
     if ta_metrics:
         curves["TA apprenticeship"] = ta_metrics
-    student_stages = _load(root / "train_student" / "stages.json") or {}
+    student_stages = _load(root / "train_student" / "summary.json") or {}
     for stage in student_stages.get("stages", []):
         stage_metrics = _load(root / "train_student" / stage["name"] / "metrics.json")
         if stage_metrics:

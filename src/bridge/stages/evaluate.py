@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gc
 import logging
+from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
@@ -136,9 +137,11 @@ def _models_to_evaluate(ctx: Any) -> list[tuple[str, Callable[[], Any]]]:
         ("ta/before", ctx.ta_model),
         ("ta/after", ctx.refined_ta),
     ]
-    summary_path = require_file(root / "train_student" / "stages.json", "train_student")
+    summary_path = require_file(root / "train_student" / "summary.json", "train_student")
     for stage in read_json(summary_path)["stages"]:
-        folder = root / "train_student" / stage["name"] / "model"
+        folder = Path(stage["output_dir"])
+        if not folder.is_absolute() and not folder.exists():
+            folder = root / "train_student" / stage["name"] / folder.name
         ref = ctx.config.models.student.model_copy(update={"path": str(folder), "keep_layers": None})
         entries.append((f"student/{stage['name']}", lambda ref=ref: load_model(ref)))
     return entries
