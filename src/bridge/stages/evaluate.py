@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import gc
 import logging
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from bridge.metrics import gap_closure, majority_baseline, relative_gain
