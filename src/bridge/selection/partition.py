@@ -11,9 +11,9 @@ from numpy.typing import ArrayLike
 
 log = logging.getLogger(__name__)
 
-#: A k-means fit uses at most max(_MIN_FIT_POINTS, _FIT_POINTS_PER_CLUSTER * clusters) points, a
-#: seeded sample of larger pools; every point is then assigned to its nearest centre. faiss
-#: samples at most 256 points per centre the same way.
+#: A k-means fit uses at most max(_MIN_FIT_POINTS, _FIT_POINTS_PER_CLUSTER * clusters) points.
+#: Larger pools are fitted on a seeded sample and every point is then assigned to its nearest
+#: centre, as faiss does with at most 256 points per centre.
 _FIT_POINTS_PER_CLUSTER = 64
 _MIN_FIT_POINTS = 1_024
 
@@ -31,7 +31,7 @@ _ASSIGN_CHUNK = 65_536
 def unit_rows(embeddings: ArrayLike) -> np.ndarray:
     """Return the embeddings as float32 rows of unit L2 norm, so dot products are cosines.
 
-    An already unit-norm float32 C-contiguous array is returned as is, without a copy; a
+    An already unit-norm float32 C-contiguous array is returned as is, without a copy. A
     zero row stays zero, so its cosine with every point is 0.
     """
     array = np.asarray(embeddings)
@@ -136,9 +136,9 @@ def partition_pool(vectors: np.ndarray, partition_size: int, seed: int) -> np.nd
         if clusters > _MAX_BRANCHING:
             clusters = math.ceil(math.sqrt(clusters))
         points = vectors if len(members) == n else vectors[members]
-        # Each fit uses at most 2,048 points, where thread start-up and barriers cost more
-        # than the work; one thread made partitioning a million points 4 times faster on a
-        # shared 2-core machine (benchmarks/bench_selection.py).
+        # Each fit uses at most 2,048 points, so thread start-up and barriers cost more than
+        # the work. On a shared 2-core machine one thread cut partitioning the benchmark's
+        # million blob points from 63 s to 15 s.
         with threadpool_limits(limits=1):
             sub = kmeans_labels(points, clusters, seed, max_iter=_PARTITION_ITERATIONS)
         if sub.max() == 0:

@@ -33,9 +33,9 @@ _CHUNK_VALUES = 1 << 26
 class Pick:
     """One chosen example: its row in the pool the selector saw, and why it was chosen.
 
-    ``parts`` contains the named terms of the score that won the pick (for the facility selector
-    ``difficulty`` and ``coverage`` add up to ``gain``); ``cluster`` is the k-means cluster of
-    the cluster selector or the partition of a large pool, and None otherwise.
+    ``parts`` contains the named terms of the score that won the pick. For the facility
+    selector, ``difficulty`` and ``coverage`` add up to ``gain``. ``cluster`` is the k-means
+    cluster of the cluster selector or the partition of a large pool, and None otherwise.
     """
 
     index: int
@@ -48,8 +48,15 @@ class Pick:
 def _check_inputs(vectors: np.ndarray, difficulty: np.ndarray | None, k: int) -> None:
     if k < 0:
         raise ValueError(f"subset size k must be non-negative, got {k}")
-    if difficulty is not None and len(difficulty) != len(vectors):
+    if difficulty is None:
+        return
+    if len(difficulty) != len(vectors):
         raise ValueError(f"{len(vectors)} embeddings but {len(difficulty)} difficulty scores; expected one per example")
+    if len(difficulty) and (np.min(difficulty) < 0 or np.max(difficulty) > 1):
+        raise ValueError(
+            f"difficulty must be rank-normalised to [0, 1], got range [{np.min(difficulty)}, {np.max(difficulty)}]; "
+            "pass it through bridge.selection.rank_normalise"
+        )
 
 
 def _group_rows(labels: np.ndarray | None, n: int) -> list[np.ndarray]:
@@ -139,8 +146,6 @@ def select_facility(
     blocks = _Blocks(vectors, _group_rows(labels, n), np.float16 if labels is not None else np.float32)
     order, starts = blocks.order, blocks.starts
     d = np.asarray(difficulty, dtype=np.float64)[order]
-    if d.min() < 0 or d.max() > 1:
-        raise ValueError(f"difficulty must be rank-normalised to [0, 1], got range [{d.min()}, {d.max()}]")
     coverage_weight = (1.0 - lam) / n
 
     gains = np.empty(n, dtype=np.float64)
@@ -358,7 +363,9 @@ def select_clusters(
     if labels is None:
         labels = kmeans_labels(vectors, n_clusters or default_cluster_count(n), seed)
     d = np.asarray(difficulty, dtype=np.float64)
-    members = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)]
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(labels, kind="stable")
+    members = np.split(order, np.cumsum(np.bincount(labels))[:-1])
     # Hardest first within each cluster; lexsort's last key is primary, the row breaks ties.
     members = [m[np.lexsort((m, -d[m]))] for m in members]
     sizes = [len(m) for m in members]
