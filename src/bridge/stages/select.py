@@ -24,7 +24,6 @@ from bridge.prompts import (
 from bridge.rundir import RowWriter, atomic_write_bytes, ensure_dir, read_rows
 from bridge.selection import difficulty as difficulty_scores
 from bridge.selection.subset import select_subset
-from bridge.teacher.budget import call_cap_for
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +57,9 @@ def run(ctx: Any) -> dict[str, Any]:
     if cfg.selection.embedding == "encoder":
         vectors = encoder_embeddings(ctx, [examples[i] for i in ids])
 
-    k = subset_size(cfg, len(pool))
-    result = select_subset(vectors, raw, k, cfg.selection, seed=cfg.seed)
+    size = subset_size(cfg, data)
+    log.info("subset size: %s", size.explanation)
+    result = select_subset(vectors, raw, size.examples, cfg.selection, seed=cfg.seed)
     rows = []
     for rank, chosen in enumerate(result.picks):
         rows.append(
@@ -85,7 +85,9 @@ def run(ctx: Any) -> dict[str, Any]:
         "skipped_too_long": len(skipped),
         "filtered_out": len(result.dropped),
         "subset_size": len(rows),
-        "target_size": k,
+        "target_size": size.examples,
+        "call_cap": size.call_cap,
+        "size_rule": size.explanation,
         "difficulty": kind,
         "embedding": cfg.selection.embedding,
         "selector": cfg.selection.selector,
@@ -111,17 +113,21 @@ def resolve_difficulty(name: str, task: TaskSpec) -> str:
     return name
 
 
-def subset_size(cfg: Any, pool_size: int) -> int:
-    """Return the number of examples to select: the call cap the budget implies."""
-    cap = call_cap_for(cfg.budget, pool_size)
-    if cap is None:
-        from bridge.errors import ConfigError
+def subset_size(cfg: Any, data: Any) -> Any:
+    """Return the subset size and call cap the budget sets for the training pool.
 
-        raise ConfigError(
-            "the subset size is undefined: set budget.fraction or budget.count",
-            hint="for example budget.fraction=0.05 sends 5 % of the pool to the teacher",
-        )
-    return min(cap, pool_size)
+    A money-only budget buys as many calls as its worst-case reservations fit, estimated from
+    the rendered prompts without calling the teacher.
+    """
+    from bridge.selection import subset_size as size_for_budget
+
+    cost = None
+    if cfg.budget.fraction is None and cfg.budget.count is None:
+        from bridge.teacher.estimate import estimate_teacher_cost
+
+        estimate = estimate_teacher_cost(data.train, data.task, cfg.teacher, cfg.budget, cfg.prompts)
+        cost = estimate.cost_worst_usd / estimate.planned_calls if estimate.planned_calls else None
+    return size_for_budget(cfg.budget, len(data.train), cost_per_call=cost)
 
 
 def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any]], kind: str) -> list[dict[str, Any]]:
@@ -137,7 +143,13 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
         engines.require(lm, "hidden_states")
     if kind == "token_entropy":
         engines.require(lm, "token_entropy")
-    stored = {row["id"]: row for row in read_rows(scores_path) if (emb_dir / _chunk_name(row["chunk"])).exists()}
+    on_disk = list(read_rows(scores_path))
+    stored = {row["id"]: row for row in on_disk if (emb_dir / _chunk_name(row["chunk"])).exists()}
+    if len(stored) < len(on_disk):
+        # A kill between a chunk's rows and its embeddings leaves rows that the chunk's rescoring
+        # appends again, so they are dropped first: each example keeps one row in the file.
+        log.info("dropping %d scored rows whose chunk has no saved embeddings", len(on_disk) - len(stored))
+        _write_rows(scores_path, list(stored.values()))
     if ta_hidden:
         # Chunks scored for the sentence encoder hold width-1 placeholders, not TA embeddings.
         widths = {n: _chunk_width(emb_dir / _chunk_name(n)) for n in {row["chunk"] for row in stored.values()}}

@@ -18,7 +18,7 @@ log = logging.getLogger(__name__)
 
 
 def run(ctx: Any) -> dict[str, Any]:
-    from bridge.teacher.budget import call_cap_for
+    from bridge.stages.select import subset_size
     from bridge.teacher.buy import buy_rationales
 
     cfg = ctx.config
@@ -26,8 +26,8 @@ def run(ctx: Any) -> dict[str, Any]:
     out = ctx.stage_dir("teach")
     examples = by_id(data.train)
     chosen = [examples[i] for i in subset_ids(ctx.run.root)]
-    # The cap from budget.fraction or budget.count counts re-asks too; a money-only budget has none.
-    call_cap = call_cap_for(cfg.budget, len(data.train))
+    # The call cap counts re-asks too, so a re-ask can use the call of a later pick.
+    call_cap = subset_size(cfg, data).call_cap
 
     local = {}
     if cfg.teacher.backend == "local":
