@@ -333,3 +333,36 @@ def test_killed_run_resumes_to_same_result(reference, tmp_path):
         ours = [r["pred"] for r in read_rows(run / "train_student" / stage / "dev_predictions.jsonl")]
         theirs = [r["pred"] for r in read_rows(original / "train_student" / stage / "dev_predictions.jsonl")]
         assert sorted(ours) == sorted(theirs), stage
+
+
+@pytest.mark.slow
+def test_teacher_demonstrations_are_nearest(reference, tmp_path):
+    import numpy as np
+
+    from bridge.pipeline import run_pipeline
+    from bridge.stages.select import load_embeddings
+
+    runs = tmp_path / "runs"
+    run = runs / "e2e"
+    shutil.copytree(reference["run"], run)
+    base = reference["config"]
+    config = base.model_copy(
+        update={
+            "output": base.output.model_copy(update={"runs_dir": str(runs)}),
+            "tutoring": base.tutoring.model_copy(update={"demonstrations": 2}),
+        }
+    )
+    run_pipeline(config, only="tutor")
+
+    teacher_ids = {r["id"] for r in read_rows(run / "teach" / "rows.jsonl")}
+    scored = list(read_rows(run / "select" / "scores.jsonl"))
+    vectors = load_embeddings(run / "select", scored)
+    position = {row["id"]: index for index, row in enumerate(scored)}
+    unit = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    candidates = list(read_rows(run / "tutor" / "rows.jsonl")) + list(read_rows(run / "tutor" / "rejected.jsonl"))
+    ta_rows = [r for r in candidates if r["writer"] == "ta"]
+    assert ta_rows
+    for row in ta_rows:
+        similarity = {t: float(unit[position[row["id"]]] @ unit[position[t]]) for t in teacher_ids}
+        expected = sorted(teacher_ids, key=lambda t: (-similarity[t], t))[:2]
+        assert row["demonstrations"] == expected, row["id"]

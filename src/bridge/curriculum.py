@@ -344,9 +344,11 @@ def weighted_loss(weights: Sequence[float]) -> Iterator[None]:
         base = original()
 
         class WeightedRowsTrainer(base):  # type: ignore[misc, valid-type]
+            # The loss below is a per-micro-batch mean, so the Trainer divides it by the accumulation steps.
+            loss_is_scaled_for_ga = False
+
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 super().__init__(*args, **kwargs)
-                self.loss_is_scaled_for_ga = False
                 if self.args.packing:
                     raise ConfigError(
                         "step_by_step weights rows, which packing merges",

@@ -5,10 +5,14 @@ losses); ``student.curriculum: false`` runs only the first rationales stage. The
 starts from ``models.student``. After each stage the student is evaluated on the dev split by
 generation, as deployed.
 
-Outputs in ``train_student/``: one folder per stage (``train_sft``'s output: ``model/`` or
-``adapter/``, ``metrics.json``, ``sample_order.jsonl``; ``dev_predictions.jsonl``; ``dev.json``),
-``model/`` (the final student as a Hugging Face folder), and ``summary.json`` with every stage in
-order. A stage folder whose inputs or settings changed is cleared before its stage trains again.
+Outputs in ``train_student/``:
+
+* ``<stage name>/``: the fine-tuning output (``model/`` or ``adapter/``, ``metrics.json``,
+  ``sample_order.jsonl``), ``dev_predictions.jsonl`` and ``dev.json`` (dev accuracy);
+* ``model/``: the final student as a Hugging Face folder;
+* ``summary.json``: every stage in order.
+
+A stage folder whose inputs or settings changed is cleared before its stage trains again.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def run(ctx: Any) -> dict[str, Any]:
             teacher=ta,
             dev_rows=dev_rows,
             dev_metric=metric,
-            max_new_tokens=cfg.tutoring.max_new_tokens,
+            max_new_tokens=cfg.tutoring.max_new_tokens,  # longest completion a gkd stage samples
         )
         model = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
         lm = as_local_model(model, result.tokenizer)
