@@ -152,6 +152,11 @@ def test_build_stage_data_mixes_and_counts(tiny_tokenizer, tmp_path):
                             tutor_rows=tutor_rows())
     assert data.counts["label_rows"] == data.counts["rationale_rows"] == 3
     assert data.weights == [0.3, 0.7] * 3
+    bought = [{"id": "q1", "target": "The teacher saw no effect.\nAnswer: no"}]
+    data = build_stage_data(CurriculumStage(name="t", data="teacher_rationales"), examples=make_examples(), task=TASK,
+                            prompts=PROMPTS, tokenizer=tiny_tokenizer, tutor_rows=tutor_rows(), teacher_rows=bought)
+    assert [r["id"] for r in data.rows] == ["q1"]
+    assert data.rows[0]["messages"][-1]["content"] == "The teacher saw no effect.\nAnswer: no"
     with pytest.raises(DataError, match="no teacher rationales rows"):
         build_stage_data(CurriculumStage(name="c", data="teacher_rationales"), examples=make_examples(), task=TASK,
                          prompts=PROMPTS, tokenizer=tiny_tokenizer, teacher_rows=[])

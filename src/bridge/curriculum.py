@@ -389,10 +389,10 @@ def stage_training(training: TrainingConfig, stage: CurriculumStage) -> Training
 
 
 def prepare_stage_dir(folder: Path, key: str) -> Path:
-    """Return ``folder``, emptied first when it holds work for another stage key."""
+    """Return ``folder``, emptied first when it contains work for another stage key."""
     stored = read_json(folder / STAGE_KEY_FILE).get("key") if (folder / STAGE_KEY_FILE).exists() else None
     if folder.exists() and stored != key:
-        log.info("clearing %s: it holds a stage trained with other settings or inputs", folder)
+        log.info("clearing %s: it contains a stage trained with other settings or inputs", folder)
         shutil.rmtree(folder)
     ensure_dir(folder)
     atomic_write_json(folder / STAGE_KEY_FILE, {"key": key})
@@ -622,8 +622,10 @@ def _load_full_weights(model: Any, folder: Path) -> None:
         state.update(load_file(file))
     result = model.load_state_dict(state, strict=False)
     if result.unexpected_keys:
-        raise DataError(f"weights in {folder} do not fit the student: unexpected {result.unexpected_keys[:5]}",
-                        hint=f"delete {folder.parent} and rerun")
+        raise DataError(
+            f"weights in {folder} do not fit the student: unexpected {result.unexpected_keys[:5]}",
+            hint=f"delete {folder.parent} and rerun",
+        )
 
 
 def save_final_model(model: Any, tokenizer: Any, folder: Path) -> Path:
