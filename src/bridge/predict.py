@@ -49,6 +49,7 @@ def _render(
         system=prompts.system,
         tokenizer=lm.tokenizer,
         max_context_tokens=prompts.max_context_tokens,
+        truncation_side=prompts.truncation_side,
         skip_invalid=skip_invalid,
     )
     return [require_unconditioned(r) for r in rendered], skipped

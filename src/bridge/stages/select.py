@@ -47,6 +47,7 @@ def run(ctx: Any) -> dict[str, Any]:
         system=cfg.prompts.system,
         tokenizer=lm.tokenizer,
         max_context_tokens=cfg.prompts.max_context_tokens,
+        truncation_side=cfg.prompts.truncation_side,
         skip_invalid=cfg.data.skip_invalid,
     )
     examples = {e.id: e for e in pool}

@@ -33,6 +33,7 @@ def chat_rows(
             system=cfg.prompts.system,
             tokenizer=tokenizer,
             max_context_tokens=cfg.prompts.max_context_tokens,
+            truncation_side=cfg.prompts.truncation_side,
         )
         out.append({"id": row["id"], "messages": [*rendered.messages, {"role": "assistant", "content": row[target_key]}]})
     return out
