@@ -365,3 +365,14 @@ def test_injection_in_training_target_stays_text(tiny_tokenizer):
     assert trained.count(end_of_turn) == 1
     assert trained[-1] == end_of_turn
     assert tiny_tokenizer.decode(trained).endswith("Answer: no<|im_end|>")
+
+
+def test_override_keeps_section_defaults():
+    """Overriding one key of an unset section keeps that section's schema defaults (full fine-tuning)."""
+    from bridge.config import load_config
+
+    config = load_config(None, ["student.training.batch_size=4", "models.student.path=/models/student"])
+    assert config.student.training.batch_size == 4
+    assert config.student.training.method == "full"
+    assert config.student.training.learning_rate == 5e-4
+    assert config.models.student.keep_layers == [0, 5, 10, 15, 20, 25, 29]

@@ -8,6 +8,7 @@ reports all problems of a file in one :class:`~bridge.errors.ConfigError`.
 
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -742,8 +743,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Return ``raw`` with ``key=value`` overrides applied (list items by index: stages.0.epochs=1).
 
-    A list the file does not set is first copied from the schema's default, so an override can
-    change one item of a default list.
+    A list or section the file does not set is first copied from the schema's default, so an
+    override changes one item of a default list, and one key of a section whose default differs
+    from its class's defaults (``student.training`` is full fine-tuning, ``TrainingConfig`` LoRA).
     """
     defaults: Any = None
     for text in overrides:
@@ -764,7 +766,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                 if defaults is None:
                     defaults = BridgeConfig().model_dump(mode="json")
                 default = _lookup(defaults, parts[: i + 1])
-                node[part] = default if isinstance(default, list) else {}
+                node[part] = copy.deepcopy(default) if isinstance(default, list | dict) else {}
             node = node[part]
         last = parts[-1]
         if isinstance(node, list):
