@@ -25,8 +25,8 @@ Losses:
     deployed rationale instruction, target rationale + answer line). Each task's instruction is
     its prefix. The loss is a weighted mean of per-row mean token losses, with weight ``alpha``
     on label rows and ``1 - alpha`` on rationale rows, times 2 so that alpha 0.5 weighs an
-    example's two rows equally. It is implemented as a small extension of the Trainer class
-    that ``train_sft`` builds (:func:`weighted_loss`).
+    example's two rows equally. ``train_sft`` applies it through its ``row_weights``
+    argument.
 ``gkd``
     generalised Jensen-Shannon divergence to the refined TA with TRL's ``GKDTrainer``
     (``trl.experimental.gkd``, trl 1.16), only when the TA and the student share a tokenizer.
@@ -37,7 +37,6 @@ them in that order every epoch; ``shuffled`` lets the Trainer shuffle with the t
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -45,7 +44,7 @@ import random
 import shutil
 import tempfile
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -322,63 +321,6 @@ def sequential_order_callback() -> Any:
     return SequentialOrder()
 
 
-@contextlib.contextmanager
-def weighted_loss(weights: Sequence[float]) -> Iterator[None]:
-    """Make ``train_sft`` calls inside this block weight each row's mean token loss by ``weights``.
-
-    ``weights`` follows the order of the rows passed to ``train_sft``. A micro-batch's loss is
-    ``2 * sum(weight * mean token loss of the row) / rows``; the Trainer then averages it over
-    gradient accumulation. Dev loss is unweighted.
-    """
-    import torch
-
-    from bridge.models import training
-
-    # NOTE: train_sft takes no trainer class or loss hook, so this swaps its private trainer
-    # factory for the duration of the block and reads the row positions it adds to each batch.
-    original = training._make_trainer_class
-    row_key = training._ROW_INDEX
-    table = torch.tensor(list(weights), dtype=torch.float32)
-
-    def factory() -> type:
-        base = original()
-
-        class WeightedRowsTrainer(base):  # type: ignore[misc, valid-type]
-            # The loss below is a per-micro-batch mean, so the Trainer divides it by the accumulation steps.
-            loss_is_scaled_for_ga = False
-
-            def __init__(self, *args: Any, **kwargs: Any) -> None:
-                super().__init__(*args, **kwargs)
-                if self.args.packing:
-                    raise ConfigError(
-                        "step_by_step weights rows, which packing merges",
-                        hint="set student.training.packing: false",
-                    )
-
-            def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-                positions = inputs.get(row_key)
-                if positions is None or not model.training or return_outputs:
-                    return super().compute_loss(
-                        model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
-                    )
-                inputs = dict(inputs)
-                inputs.pop(row_key)
-                self._recorder.add(positions.tolist())
-                inputs["use_cache"] = False
-                outputs = model(**inputs, fused_lm_head=True)
-                per_row = (-outputs.log_probs).sum(-1) / outputs.label_mask.sum(-1).clamp(min=1)
-                row_weights = table[positions.cpu()].to(per_row.device, per_row.dtype)
-                return 2 * (row_weights * per_row).sum() / len(per_row)
-
-        return WeightedRowsTrainer
-
-    training._make_trainer_class = factory
-    try:
-        yield
-    finally:
-        training._make_trainer_class = original
-
-
 # --------------------------------------------------------------------------------------------
 # Training one stage
 
@@ -427,11 +369,16 @@ def train_stage(
             rows, student=base, teacher=teacher, config=config, stage=stage, out_dir=out_dir, max_new_tokens=max_new_tokens
         )
     callbacks = [sequential_order_callback()] if stage.order == "easy_to_hard" else []
-    context = weighted_loss(data.weights) if data.weights is not None else contextlib.nullcontext()
-    with context:
-        return train_sft(
-            rows, base=base, config=config, out_dir=out_dir, dev_rows=dev_rows, dev_metric=dev_metric, callbacks=callbacks
-        )
+    return train_sft(
+        rows,
+        base=base,
+        config=config,
+        out_dir=out_dir,
+        dev_rows=dev_rows,
+        dev_metric=dev_metric,
+        callbacks=callbacks,
+        row_weights=data.weights,
+    )
 
 
 def shares_tokenizer(first: Any, second: Any) -> bool:

@@ -56,6 +56,7 @@ from bridge.rundir import (
     atomic_write_json,
     atomic_write_text,
     ensure_dir,
+    fingerprint,
     package_versions,
     read_json,
     read_rows,
@@ -555,12 +556,31 @@ def _make_trainer_class() -> type:
     from trl import SFTTrainer
 
     class BridgeSFTTrainer(SFTTrainer):
-        def __init__(self, *args: Any, recorder: _SampleRecorder, dev_metric: Callable | None, **kwargs: Any):
+        def __init__(
+            self,
+            *args: Any,
+            recorder: _SampleRecorder,
+            dev_metric: Callable | None,
+            row_weights: Any = None,
+            **kwargs: Any,
+        ):
             self._recorder = recorder
             self._dev_metric = dev_metric
+            self._row_weights = row_weights
+            if row_weights is not None:
+                # The weighted loss is a per-micro-batch mean, so the Trainer divides it by the
+                # gradient accumulation steps itself.
+                self.loss_is_scaled_for_ga = False
             super().__init__(*args, **kwargs)
+            if row_weights is not None and self.args.packing:
+                raise ConfigError(
+                    "row weights apply to whole rows, which packing merges",
+                    hint="set packing: false in the training settings",
+                )
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            if self._row_weights is not None and model.training and not return_outputs and _ROW_INDEX in inputs:
+                return self._weighted_loss(model, inputs)
             positions = inputs.pop(_ROW_INDEX, None)
             if positions is not None and self.model.training:
                 # Under DDP each process gets one slice of the global batch, so rank 0 records every slice.
@@ -569,6 +589,18 @@ def _make_trainer_class() -> type:
             return super().compute_loss(
                 model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
             )
+
+        def _weighted_loss(self, model: Any, inputs: dict[str, Any]) -> Any:
+            """Return 2 * sum(weight * mean token loss of the row) / rows for one micro-batch."""
+            inputs = dict(inputs)
+            positions = inputs.pop(_ROW_INDEX)
+            for part in gather_objects(positions.tolist()):
+                self._recorder.add(part)
+            inputs["use_cache"] = False
+            outputs = model(**inputs, fused_lm_head=True)
+            per_row = (-outputs.log_probs).sum(-1) / outputs.label_mask.sum(-1).clamp(min=1)
+            weights = self._row_weights[positions.cpu()].to(per_row.device, per_row.dtype)
+            return 2 * (weights * per_row).sum() / len(per_row)
 
         def evaluation_loop(self, *args: Any, **kwargs: Any):
             output = super().evaluation_loop(*args, **kwargs)
@@ -815,6 +847,7 @@ def train_sft(
     dev_metric: Callable[[Any, Any], float] | None = None,
     max_steps: int | None = None,
     callbacks: Sequence[Any] = (),
+    row_weights: Sequence[float] | None = None,
 ) -> TrainResult:
     """Fine-tune ``base`` on chat rows with the loss on the final assistant message only.
 
@@ -824,7 +857,10 @@ def train_sft(
     model path. ``dev_metric(model, tokenizer)`` returns a score where higher is better, such as
     dev accuracy. The best weights are chosen by that score when it is given, else by dev loss.
     ``max_steps`` caps the optimizer steps (the schedule then spans ``max_steps``).
-    ``callbacks`` are extra transformers ``TrainerCallback`` objects.
+    ``callbacks`` are extra transformers ``TrainerCallback`` objects. ``row_weights``, one per
+    row in the order of ``rows``, turns the training loss into ``2 * sum(weight * mean token loss
+    of the row) / rows`` per micro-batch (used by step-by-step distillation; packing must be off);
+    the dev loss stays unweighted.
 
     The run resumes from the newest complete checkpoint in ``out_dir/checkpoints`` and raises
     :class:`TrainingError` when that checkpoint was written with a different setup. A run whose
@@ -832,7 +868,12 @@ def train_sft(
     loaded into the model and its result returned.
     """
     out_dir = ensure_dir(Path(out_dir))
+    if row_weights is not None and len(row_weights) != len(rows):
+        raise ValueError(f"got {len(row_weights)} row weights for {len(rows)} rows; expected one weight per row")
     prepared = _prepare(rows, base, config, dev_rows, dev_metric, max_steps)
+    if row_weights is not None:
+        # Different weights make a different run, so a checkpoint written with others is not resumed.
+        prepared.trajectory["row_weights"] = fingerprint([float(w) for w in row_weights])
     lora = config.method == "lora"
     output_dir = out_dir / (ADAPTER_DIR if lora else MODEL_DIR)
     log.info("training configuration: %s", json.dumps(prepared.resolved, sort_keys=True))
@@ -868,6 +909,7 @@ def train_sft(
         args=_training_args(prepared, config, checkpoints, max_steps),
         recorder=recorder,
         dev_metric=dev_metric,
+        row_weights=row_weights,
         callbacks=[
             *_make_callbacks(
                 recorder=recorder,
@@ -1084,7 +1126,9 @@ def _build_trainer(
     recorder: _SampleRecorder,
     dev_metric: Callable | None,
     callbacks: list[Any],
+    row_weights: Sequence[float] | None = None,
 ) -> Any:
+    import torch
     from transformers import PrinterCallback, ProgressCallback
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
@@ -1096,6 +1140,7 @@ def _build_trainer(
         processing_class=prepared.tokenizer,
         recorder=recorder,
         dev_metric=dev_metric,
+        row_weights=None if row_weights is None else torch.tensor(list(row_weights), dtype=torch.float32),
         callbacks=callbacks,
     )
     # The Progress callback replaces these; PrinterCallback would print every log line.
