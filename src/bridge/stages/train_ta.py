@@ -9,13 +9,18 @@ adapter or model folder, ``metrics.json`` from training, ``dev_before.jsonl`` an
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from bridge.predict import accuracy_metric, as_local_model, predict_generation, summarise
 from bridge.prompts import format_target, render_messages, target_answer
+from bridge.rundir import fingerprint
 from bridge.stages.common import by_id, teacher_rows
 
 log = logging.getLogger(__name__)
+
+#: Kind under which the untuned TA's dev predictions are shared between the runs of a comparison.
+DEV_BEFORE_KIND = "ta_dev_before"
 
 
 def chat_rows(
@@ -55,11 +60,20 @@ def run(ctx: Any) -> dict[str, Any]:
         )
     lm = ctx.ta_model()
     eval_cfg = cfg.evaluation
+    # The untuned TA's dev predictions are the same in every run of a comparison.
+    before_key = fingerprint(
+        DEV_BEFORE_KIND, cfg.data.model_dump(mode="json"), cfg.prompts.model_dump(mode="json"),
+        cfg.models.ta.model_dump(mode="json"), cfg.models.ta_engine, eval_cfg.max_new_tokens,
+    )
+    reused_seconds = ctx.reuse(DEV_BEFORE_KIND, before_key)
+    started = time.monotonic()
     before = predict_generation(
         lm, data.dev, data.task, cfg.prompts,
         max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
         rows_path=out / "dev_before.jsonl",
     )
+    before_seconds = reused_seconds if reused_seconds is not None else time.monotonic() - started
+    ctx.publish(DEV_BEFORE_KIND, before_key, [out / "dev_before.jsonl"], before_seconds)
     before_scores = summarise(before, data.task)
     log.info("TA dev accuracy before apprenticeship: %.3f", before_scores.accuracy)
 
@@ -73,8 +87,10 @@ def run(ctx: Any) -> dict[str, Any]:
         dev_rows = chat_rows(ctx, [{"id": e.id, "target": gold_target(e, data.task)} for e in data.dev], lm.tokenizer, split="dev")
     result = train_sft(train, base=lm, config=cfg.ta_training, out_dir=out, dev_rows=dev_rows, dev_metric=metric)
 
-    # The model in memory now carries the adapter: it is the refined TA for later stages.
-    refined = as_local_model(result.model, result.tokenizer)
+    # The model in memory now carries the adapter: it is the refined TA for later stages. Folding
+    # the adapter into the weights (it is saved already) makes generation as fast as the base's.
+    model = result.model.merge_and_unload() if hasattr(result.model, "merge_and_unload") else result.model
+    refined = as_local_model(model, result.tokenizer)
     ctx.models.pop("ta", None)
     ctx.models["ta_refined"] = refined
     after = predict_generation(
@@ -84,7 +100,7 @@ def run(ctx: Any) -> dict[str, Any]:
     )
     after_scores = summarise(after, data.task)
     log.info("TA dev accuracy after apprenticeship: %.3f", after_scores.accuracy)
-    return {
+    summary = {
         "train_rows": len(train),
         "method": cfg.ta_training.method,
         "output_dir": str(result.output_dir),
@@ -92,6 +108,9 @@ def run(ctx: Any) -> dict[str, Any]:
         "dev_before": before_scores.as_dict(),
         "dev_after": after_scores.as_dict(),
     }
+    if reused_seconds is not None:
+        summary["reused_seconds"] = round(reused_seconds, 1)
+    return summary
 
 
 def gold_target(example: Any, task: Any) -> str:
