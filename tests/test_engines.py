@@ -8,6 +8,7 @@ import socket
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -21,6 +22,7 @@ from bridge.models import inference
 from bridge.models.loading import LocalModel, load_model
 from bridge.prompts import option_continuations, render_all, render_text, scoring_prompt
 from bridge.serve import start_background_server
+from bridge.stages.select import score_pool
 
 TASK = TaskSpec("toy", "yes_no_maybe", ("yes", "no", "maybe"), domain="medicine")
 REPLICAS = 3
@@ -107,6 +109,19 @@ def engine(replicas, varied_model_dir) -> ServerEngine:
     return ServerEngine(tiny_ref(varied_model_dir), ServerEngineConfig(endpoints=replicas, concurrency=2, max_retries=0))
 
 
+class StageContext:
+    """The part of the pipeline's RunContext that ``select.score_pool`` reads."""
+
+    def __init__(self, config: Any, root: Path) -> None:
+        self.config = config
+        self.root = root
+
+    def stage_dir(self, stage: str) -> Path:
+        folder = self.root / stage
+        folder.mkdir(parents=True, exist_ok=True)
+        return folder
+
+
 def rendered(lm: LocalModel, style: str, count: int = 9):
     prompts, skipped = render_all(make_examples(count), TASK, style=style, tokenizer=lm.tokenizer)
     assert not skipped
@@ -190,6 +205,32 @@ def test_server_plain_requests_use_completions(engine, local_lm):
     found = engine.generate(requests, max_new_tokens=6, progress=False)
 
     assert [g.text for g in found] == [g.text for g in expected]
+
+
+def test_select_scoring_on_servers_matches_local(engine, local_lm, tmp_path):
+    config = load_config(None, ["selection.batch_size=1", "selection.embedding=encoder"])
+    examples = {e.id: e for e in make_examples(9)}
+    items = [(examples[p.example_id], p) for p in rendered(local_lm, "answer_only")]
+
+    expected = score_pool(StageContext(config, tmp_path / "local"), local_lm, TASK, items, "option_entropy")
+    found = score_pool(StageContext(config, tmp_path / "server"), engine, TASK, items, "option_entropy")
+
+    for key in ("id", "pred", "prompt_hash", "correct", "chunk", "row"):
+        assert [row[key] for row in found] == [row[key] for row in expected], key
+    for got, want in zip(found, expected, strict=True):
+        assert got["difficulty"] == pytest.approx(want["difficulty"], abs=1e-5)
+
+
+def test_select_rejects_hidden_states_on_servers(engine, local_lm, tmp_path):
+    config = load_config(None, ["selection.embedding=ta_hidden"])
+    examples = {e.id: e for e in make_examples(3)}
+    items = [(examples[p.example_id], p) for p in rendered(local_lm, "answer_only", count=3)]
+
+    with pytest.raises(EngineCapabilityError) as caught:
+        score_pool(StageContext(config, tmp_path), engine, TASK, items, "option_entropy")
+
+    assert "selection.embedding=encoder" in str(caught.value)
+    assert sum(engine.request_counts().values()) == 0
 
 
 # --------------------------------------------------------------------------------------------

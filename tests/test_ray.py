@@ -44,25 +44,12 @@ def _ray_installed() -> bool:
     return True
 
 
-class _Context:
-    """The part of the pipeline's RunContext that ``select.score_pool`` reads."""
-
-    def __init__(self, config: Any, root: Path) -> None:
-        self.config = config
-        self.root = root
-
-    def stage_dir(self, stage: str) -> Path:
-        folder = self.root / stage
-        folder.mkdir(parents=True, exist_ok=True)
-        return folder
-
-
 def _score(lm: Any, root: Path, kind: str) -> None:
     """Run the selection stage's pool scoring for ``kind`` into ``root/select``."""
     from bridge.config import load_config
     from bridge.prompts import render_all
     from bridge.stages.select import score_pool
-    from test_engines import TASK, make_examples
+    from test_engines import TASK, StageContext, make_examples
 
     config = load_config(None, OVERRIDES)
     examples = make_examples(POOL_SIZE)
@@ -70,7 +57,7 @@ def _score(lm: Any, root: Path, kind: str) -> None:
     rendered, skipped = render_all(examples, TASK, style=style, tokenizer=lm.tokenizer)
     assert not skipped
     by_id = {e.id: e for e in examples}
-    score_pool(_Context(config, root), lm, TASK, [(by_id[r.example_id], r) for r in rendered], kind)
+    score_pool(StageContext(config, root), lm, TASK, [(by_id[r.example_id], r) for r in rendered], kind)
 
 
 def _sampled_texts(lm: Any) -> dict[str, str]:

@@ -217,7 +217,12 @@ class RayEngine(InferenceEngine):
         import numpy as np
 
         if not prompts:
-            return np.zeros((0, self.local_model().model.config.hidden_size), dtype=np.float32)
+            from transformers import AutoConfig
+
+            from bridge.models.loading import resolve_model
+
+            config = AutoConfig.from_pretrained(resolve_model(self.ref.path), trust_remote_code=self.ref.trust_remote_code)
+            return np.zeros((0, config.hidden_size), dtype=np.float32)
         batches = self._plan(prompts, batch_size)
         units = [{"prompts": [prompts[i] for i in batch]} for batch in batches]
         rows: list[Any] = [None] * len(prompts)
