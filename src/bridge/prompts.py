@@ -454,7 +454,7 @@ def render_all(
         )
     cut = sum(1 for p in rendered if p.context_tokens_cut)
     if cut:
-        log.info("trimmed the context of %d of %d prompts to %s tokens", cut, len(rendered), max_context_tokens)
+        log.debug("trimmed the context of %d of %d prompts to %s tokens", cut, len(rendered), max_context_tokens)
     return rendered, skipped
 
 
