@@ -476,6 +476,18 @@ def test_reference_backend_serves_explanations(tmp_path: Path):
     assert summary.endpoints == {"reference": 3}
 
 
+def test_reference_backend_bills_within_reservation(tmp_path: Path, caplog):
+    # Several messages per request: the prompt count must use the same bound as the reservation.
+    examples = make_examples(3, explanation=True)
+    config = TeacherConfig(backend="reference", price_per_call=0.01)
+    budget = BudgetConfig(fraction=None, max_calls=10, max_tokens=100000, max_cost_usd=10.0)
+    with caplog.at_level("WARNING", logger="bridge.teacher.ledger"):
+        buy_rationales(examples, TASK, config, budget, tmp_path, system="Be brief.", progress=False)
+    assert not [r for r in caplog.records if "above its reserved worst case" in r.getMessage()]
+    summary = summarize_ledger(tmp_path)
+    assert summary.calls == 3
+
+
 def test_reference_backend_names_missing_explanations(tmp_path: Path):
     examples = make_examples(3, explanation=True)
     examples[1] = Example(id="ex001", question="Q (case ex001)", gold="no")

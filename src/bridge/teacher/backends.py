@@ -364,6 +364,7 @@ class ReferenceBackend:
         examples: Sequence[Example],
         task: TaskSpec,
         count_tokens: Callable[[str], int],
+        count_prompt: Callable[[Sequence[Mapping[str, str]]], int] | None = None,
     ) -> None:
         from bridge.prompts import format_target, target_answer
 
@@ -378,6 +379,9 @@ class ReferenceBackend:
         self.teacher = teacher
         self.model = teacher.model
         self._count = count_tokens
+        # The prompt is counted with the same bound the reservation used, so the charge never
+        # exceeds the reservation.
+        self._count_prompt = count_prompt or (lambda messages: sum(count_tokens(str(m["content"])) for m in messages))
         self._texts = {e.id: format_target((e.explanation or "").strip(), target_answer(e, task)) for e in examples}
 
     def sampling(self) -> dict[str, Any]:
@@ -394,7 +398,7 @@ class ReferenceBackend:
 
     def send(self, request: TeacherRequest, max_tokens: int) -> Reply:
         text = self._text(request)
-        prompt = sum(self._count(str(m["content"])) for m in request.messages)
+        prompt = self._count_prompt(request.messages)
         return Reply(text=text, finish_reason="stop", prompt_tokens=prompt, completion_tokens=self._count(text))
 
     def send_batch(self, requests: Sequence[TeacherRequest], max_tokens: int) -> list[Reply]:
@@ -500,6 +504,7 @@ def make_backend(
     *,
     task: TaskSpec,
     count_tokens: Callable[[str], int],
+    count_prompt: Callable[[Sequence[Mapping[str, str]]], int] | None = None,
     confirm_remote: bool = False,
     local_model: Any = None,
     local_generate: Callable[..., Sequence[Any]] | None = None,
@@ -509,5 +514,5 @@ def make_backend(
         check_endpoint_confirmed(teacher, confirm_remote)
         return OpenAIBackend(teacher, read_api_key(teacher))
     if teacher.backend == "reference":
-        return ReferenceBackend(teacher, examples, task, count_tokens)
+        return ReferenceBackend(teacher, examples, task, count_tokens, count_prompt)
     return LocalBackend(teacher, model_obj=local_model, generate=local_generate)

@@ -153,6 +153,7 @@ def buy_rationales(
             examples,
             task=task,
             count_tokens=count_text,
+            count_prompt=prompt_bound,
             confirm_remote=confirm_remote,
             local_model=local_model,
             local_generate=local_generate,
