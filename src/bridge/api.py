@@ -15,6 +15,7 @@ from bridge.errors import ConfigError, DataError
 
 __all__ = [
     "BridgeConfig",
+    "compare",
     "data_config",
     "dump_config",
     "estimate",
@@ -54,6 +55,25 @@ def run_stage(config: BridgeConfig, stage: str, *, yes: bool = False) -> dict[st
 
     summaries = run_pipeline(config, only=stage, yes=yes)
     return summaries[stage_name(stage)]
+
+
+def compare(
+    config: BridgeConfig,
+    *,
+    seeds: int | None = None,
+    methods: list[str] | None = None,
+    yes: bool = False,
+) -> dict[str, Any]:
+    """Run BRIDGE and its baselines for several seeds into ``<output.runs_dir>/<name>-compare``.
+
+    ``seeds`` and ``methods`` default to ``compare.seeds`` and ``compare.methods``; the
+    methods are described in :mod:`bridge.compare`. Rerunning resumes an interrupted
+    comparison. Returns the content of ``comparison.json``; the report is in its ``report/``
+    folder.
+    """
+    from bridge.compare import run_comparison
+
+    return run_comparison(config, seeds=seeds, methods=methods, yes=yes)
 
 
 # --------------------------------------------------------------------------------------------

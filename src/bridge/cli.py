@@ -123,6 +123,34 @@ def run(
         typer.echo(f"report: {report['report_html']}")
 
 
+@app.command("compare")
+def compare(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    seeds: Annotated[
+        int | None, typer.Option("--seeds", min=1, help="Seeds per method; compare.seeds (3) when omitted.")
+    ] = None,
+    methods: Annotated[
+        str | None,
+        typer.Option(
+            "--methods",
+            help="Comma-separated methods: bridge, direct_same_budget, direct_full, label_only, bridge_no_stage_a, "
+            "bridge_random; compare.methods (all) when omitted.",
+        ),
+    ] = None,
+    yes: YesOpt = False,
+) -> None:
+    """Run BRIDGE and its baselines side by side over several seeds; rerun the same command to resume."""
+    from bridge import api
+    from bridge.compare import REPORT_DIR, compare_root, format_table
+
+    cfg = api.load_config(config, _overrides(overrides))
+    names = [name.strip() for name in methods.split(",") if name.strip()] if methods else None
+    state = api.compare(cfg, seeds=seeds, methods=names, yes=yes)
+    typer.echo(format_table(state))
+    typer.echo(f"report: {compare_root(cfg) / REPORT_DIR / 'comparison.html'}")
+
+
 def _stage_command(command: str, doc: str) -> None:
     def command_function(config: ConfigArg = None, overrides: OverridesOpt = None, yes: YesOpt = False) -> None:
         from bridge import api

@@ -12,7 +12,7 @@ import copy
 import difflib
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -568,6 +568,14 @@ class EvalConfig(Section):
     )
     max_new_tokens: int = Field(128, ge=1, description="Longest generated answer in tokens.")
     batch_size: int = Field(8, ge=1, description="Prompts per batch.")
+    models: Literal["all", "final_student"] = Field(
+        "all",
+        description=(
+            "all: the TA before and after apprenticeship and the student after every curriculum stage; "
+            "final_student: the last student stage only (bridge compare sets it). The majority baseline and "
+            "the teacher are reported in both."
+        ),
+    )
 
 
 class PromptConfig(Section):
@@ -596,6 +604,50 @@ class OutputConfig(Section):
     tensorboard: bool = Field(False, description="Also log training curves to TensorBoard (needs the tracking extra).")
 
 
+#: A method that ``bridge compare`` runs side by side with the others (described in :mod:`bridge.compare`).
+CompareMethod = Literal["bridge", "direct_same_budget", "direct_full", "label_only", "bridge_no_stage_a", "bridge_random"]
+COMPARE_METHODS: tuple[str, ...] = get_args(CompareMethod)
+
+
+class CompareConfig(Section):
+    """bridge compare: the methods run side by side on the same teacher, data and student."""
+
+    methods: list[CompareMethod] = Field(
+        default_factory=lambda: list(COMPARE_METHODS),
+        min_length=1,
+        description=(
+            "Methods to run: bridge (the full pipeline), direct_same_budget (the student trained on the teacher's "
+            "rationales for the same subset), direct_full (teacher rationales for the whole pool), label_only (the "
+            "student's labels stage alone), bridge_no_stage_a (the curriculum without labels stages), bridge_random "
+            "(random selection)."
+        ),
+    )
+    seeds: int = Field(
+        3,
+        ge=1,
+        description=(
+            "Seeds per method; seed i adds i to seed, ta_training.seed and student.training.seed. The data splits "
+            "(data.split_seed) stay fixed."
+        ),
+    )
+    max_calls: int | None = Field(
+        None,
+        ge=1,
+        description=(
+            "Cap on teacher calls over the whole comparison; when unset, one call per training example plus one "
+            "re-ask each with teacher.policy reask_with_hint (one 100 % purchase with re-asks)."
+        ),
+    )
+    max_cost_usd: float | None = Field(
+        None,
+        ge=0,
+        description=(
+            "Cap on teacher money over the whole comparison, in USD; when unset, the worst-case cost of the "
+            "default max_calls, estimated from the rendered prompts as 'bridge estimate' does."
+        ),
+    )
+
+
 class BridgeConfig(Section):
     """The whole pipeline."""
 
@@ -613,6 +665,7 @@ class BridgeConfig(Section):
     student: StudentConfig = Field(default_factory=StudentConfig, description="Phase 4 curriculum.")
     evaluation: EvalConfig = Field(default_factory=EvalConfig, description="Phase 5 evaluation.")
     output: OutputConfig = Field(default_factory=OutputConfig, description="Output locations.")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="bridge compare: baselines side by side.")
 
 
 # --------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -88,8 +88,28 @@ class RunContext:
     run: RunDir
     yes: bool = False
     fingerprints: dict[str, str] = field(default_factory=dict)
+    #: An open ledger (or ledger account) the teach stage buys through instead of ``ledger.sqlite``
+    #: in the run directory; ``bridge compare`` shares one ledger between all its runs.
+    ledger: Any = None
+    #: Work shared between the runs of one comparison (:class:`bridge.compare.SharedWork`); None in a single run.
+    shared: Any = None
 
     models: dict[str, Any] = field(default_factory=dict)
+
+    def reuse(self, kind: str, key: str) -> float | None:
+        """Copy finished work of ``kind`` with ``key`` from another run into this run directory.
+
+        Returns the seconds the work took where it was computed, or None when no other run
+        offers it (always None outside a comparison).
+        """
+        if self.shared is None:
+            return None
+        return self.shared.restore(kind, key, self.run.root)
+
+    def publish(self, kind: str, key: str, paths: list[Path], seconds: float) -> None:
+        """Offer finished work (files or folders inside this run directory) to the other runs of a comparison."""
+        if self.shared is not None:
+            self.shared.record(kind, key, self.run.root, paths, seconds)
 
     @cached_property
     def data(self) -> Any:
@@ -165,14 +185,38 @@ def run_dir_for(config: BridgeConfig) -> RunDir:
     return RunDir(Path(config.output.runs_dir) / config.name)
 
 
-def compute_fingerprints(config: BridgeConfig) -> dict[str, str]:
-    """Fingerprint every stage from its configuration sections and its inputs' fingerprints."""
+def compute_fingerprints(config: BridgeConfig, stages: Sequence[str] | None = None) -> dict[str, str]:
+    """Fingerprint every stage from its configuration sections and its inputs' fingerprints.
+
+    ``stages`` limits the run to some stages (all when None). A stage that is left out passes
+    its own inputs on to the stages that read it, so a student trained without tutoring depends
+    on the teacher and selection stages that tutoring would have read.
+    """
     result: dict[str, str] = {}
-    for stage in STAGES:
+    for stage, inputs in stage_inputs(stages).items():
         sections = {name: _section(config, name) for name in _STAGE_SECTIONS[stage]}
-        inputs = {name: result[name] for name in _STAGE_INPUTS[stage]}
-        result[stage] = fingerprint(stage, sections, inputs)
+        result[stage] = fingerprint(stage, sections, {name: result[name] for name in inputs})
     return result
+
+
+def stage_inputs(stages: Sequence[str] | None = None) -> dict[str, tuple[str, ...]]:
+    """Return, for each stage that runs, the stages it reads once left-out stages are passed through."""
+    chosen = _chosen_stages(stages)
+    resolved: dict[str, tuple[str, ...]] = {}
+    for stage in STAGES:
+        inputs: list[str] = []
+        for name in _STAGE_INPUTS[stage]:
+            for source in (name,) if name in chosen else resolved[name]:
+                if source not in inputs:
+                    inputs.append(source)
+        resolved[stage] = tuple(inputs)
+    return {stage: resolved[stage] for stage in STAGES if stage in chosen}
+
+
+def _chosen_stages(stages: Sequence[str] | None) -> set[str]:
+    if stages is None:
+        return set(STAGES)
+    return {stage_name(name) for name in stages}
 
 
 def _stage_function(stage: str) -> Callable[[RunContext], dict[str, Any]]:
@@ -192,11 +236,16 @@ def run_pipeline(
     until_stage: str | None = None,
     only: str | None = None,
     yes: bool = False,
+    stages: Sequence[str] | None = None,
+    ledger: Any = None,
+    shared: Any = None,
 ) -> dict[str, dict[str, Any]]:
     """Run the stages in order, skipping those whose outputs are current.
 
     ``from_stage`` reruns that stage and every later one even when current; ``until_stage``
     stops after it; ``only`` runs one stage (after checking that its inputs are complete).
+    ``stages`` runs only those stages (``bridge compare`` runs baselines that skip some);
+    ``ledger`` and ``shared`` set the :class:`RunContext` fields of the same names.
     Returns each executed or skipped stage's summary.
     """
     if config.threads is not None:
@@ -206,14 +255,20 @@ def run_pipeline(
         torch.set_num_threads(config.threads)
     run = run_dir_for(config)
     run.write_metadata(dump_config(config), {"seed": config.seed})
-    ctx = RunContext(config=config, run=run, yes=yes, fingerprints=compute_fingerprints(config))
+    ctx = RunContext(
+        config=config, run=run, yes=yes, fingerprints=compute_fingerprints(config, stages), ledger=ledger, shared=shared
+    )
+    inputs = stage_inputs(stages)
 
-    order = list(STAGES)
+    order = [stage for stage in STAGES if stage in inputs]
+    for name in (from_stage, until_stage, only):
+        if name is not None and stage_name(name) not in inputs:
+            raise BridgeError(f"stage '{name}' is not among the stages of this run: {', '.join(order)}")
     first = order.index(stage_name(from_stage)) if from_stage else 0
     last = order.index(stage_name(until_stage)) if until_stage else len(order) - 1
     if only is not None:
         first = last = order.index(stage_name(only))
-        for needed in _STAGE_INPUTS[order[first]]:
+        for needed in inputs[order[first]]:
             if not run.is_done(needed, ctx.fingerprints[needed]):
                 command = next(k for k, v in STAGE_COMMANDS.items() if v == needed)
                 raise BridgeError(
@@ -243,7 +298,7 @@ def run_pipeline(
         timings[stage] = time.monotonic() - started
         summary["seconds"] = round(timings[stage], 1)
         atomic_write_json(run.stage(stage) / "summary.json", summary)
-        run.mark_done(stage, expected, {name: ctx.fingerprints[name] for name in _STAGE_INPUTS[stage]})
+        run.mark_done(stage, expected, {name: ctx.fingerprints[name] for name in inputs[stage]})
         summaries[stage] = summary
         log.info("stage %s finished in %.1f s", stage, timings[stage])
     atomic_write_json(run.root / "timings.json", timings)

@@ -71,7 +71,8 @@ def run(ctx: Any) -> dict[str, Any]:
         "task": {"name": task.name, "format": task.format, "labels": list(task.labels)},
         "headline_mode": headline,
         "models": results,
-        "gains": _gains(results, headline),
+        # The floor for gains is the first student stage, which only "all" evaluates.
+        "gains": _gains(results, headline) if cfg.evaluation.models == "all" else {},
         "data_notes": data.report.get("notes", []),
     }
     atomic_write_json(out / "metrics.json", metrics)
@@ -129,19 +130,26 @@ def _fixed(accuracy: float, n: int) -> dict[str, Any]:
 
 
 def _models_to_evaluate(ctx: Any) -> list[tuple[str, Callable[[], Any]]]:
-    """Return (name, loader) for the TA before and after apprenticeship and each student stage."""
+    """Return (name, loader) for the TA before and after apprenticeship and each student stage.
+
+    With ``evaluation.models: final_student`` only the last student stage is returned.
+    """
     from bridge.models.loading import load_model
 
     root = ctx.run.root
-    entries: list[tuple[str, Callable[[], Any]]] = [
-        ("ta/before", ctx.ta_model),
-        ("ta/after", ctx.refined_ta),
-    ]
+    entries: list[tuple[str, Callable[[], Any]]] = []
+    if ctx.config.evaluation.models == "all":
+        entries += [("ta/before", ctx.ta_model), ("ta/after", ctx.refined_ta)]
     summary_path = require_file(root / "train_student" / "summary.json", "train_student")
-    for stage in read_json(summary_path)["stages"]:
+    stages = read_json(summary_path)["stages"]
+    if ctx.config.evaluation.models == "final_student":
+        stages = stages[-1:]
+    for stage in stages:
         folder = Path(stage["output_dir"])
-        if not folder.is_absolute() and not folder.exists():
-            folder = root / "train_student" / stage["name"] / folder.name
+        # A stage folder copied from another run records that run's path; the copy here is used.
+        local = root / "train_student" / stage["name"] / folder.name
+        if local.exists() or not folder.is_absolute():
+            folder = local
         ref = ctx.config.models.student.model_copy(update={"path": str(folder), "keep_layers": None})
         entries.append((f"student/{stage['name']}", lambda ref=ref: load_model(ref)))
     return entries

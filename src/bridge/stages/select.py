@@ -8,6 +8,7 @@ order with difficulty, cluster and reason) and ``plots/``. Scoring resumes chunk
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 import numpy as np
@@ -21,7 +22,7 @@ from bridge.prompts import (
     render_text,
     scoring_prompt,
 )
-from bridge.rundir import RowWriter, atomic_write_bytes, ensure_dir, read_rows
+from bridge.rundir import RowWriter, atomic_write_bytes, ensure_dir, fingerprint, read_rows
 from bridge.selection import difficulty as difficulty_scores
 from bridge.selection.subset import select_subset
 
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 #: Examples per persisted scoring chunk, as a multiple of the batch size.
 _CHUNK_BATCHES = 8
+#: Kind under which the scores and embeddings are shared between the runs of a comparison.
+SCORES_KIND = "select_scores"
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -51,7 +54,12 @@ def run(ctx: Any) -> dict[str, Any]:
         skip_invalid=cfg.data.skip_invalid,
     )
     examples = {e.id: e for e in pool}
+    key = scoring_key(cfg, kind)
+    reused_seconds = ctx.reuse(SCORES_KIND, key)
+    started = time.monotonic()
     scored = score_pool(ctx, lm, task, [(examples[r.example_id], r) for r in rendered], kind)
+    scoring_seconds = reused_seconds if reused_seconds is not None else time.monotonic() - started
+    ctx.publish(SCORES_KIND, key, [out / "scores.jsonl", out / "embeddings"], scoring_seconds)
     ids = [row["id"] for row in scored]
     raw = np.array([row["difficulty"] for row in scored], dtype=np.float64)
     vectors = load_embeddings(out, scored)
@@ -96,8 +104,36 @@ def run(ctx: Any) -> dict[str, Any]:
         "ta_accuracy_untuned": _accuracy(scored),
         "plots": [str(p.relative_to(out)) for p in plots],
     }
+    if reused_seconds is not None:
+        summary["reused_seconds"] = round(reused_seconds, 1)
     log.info("selected %d of %d examples (%s, lambda %.2f)", len(rows), len(pool), cfg.selection.selector, cfg.selection.lam)
     return summary
+
+
+def scoring_key(cfg: Any, kind: str) -> str:
+    """Return the key of the pool's scores and TA embeddings: everything they depend on.
+
+    The selector, lambda, filters and budget are left out, so runs that select differently
+    from the same scores share them. The seed counts only for the sampled answer entropy.
+    """
+    sampling = {"seed": cfg.seed, "samples": cfg.selection.samples} if kind == "answer_entropy" else {}
+    generation = (
+        {"max_new_tokens": cfg.tutoring.max_new_tokens, "temperature": cfg.tutoring.temperature}
+        if kind in ("answer_entropy", "token_entropy")
+        else {}
+    )
+    return fingerprint(
+        SCORES_KIND,
+        kind,
+        cfg.data.model_dump(mode="json"),
+        cfg.prompts.model_dump(mode="json"),
+        cfg.models.ta.model_dump(mode="json"),
+        cfg.models.ta_engine,
+        cfg.selection.embedding,
+        cfg.selection.batch_size,
+        sampling,
+        generation,
+    )
 
 
 def resolve_difficulty(name: str, task: TaskSpec) -> str:
@@ -144,19 +180,19 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
         engines.require(lm, "hidden_states")
     if kind == "token_entropy":
         engines.require(lm, "token_entropy")
+    size = cfg.selection.batch_size * _CHUNK_BATCHES
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
     on_disk = list(read_rows(scores_path))
-    stored = {row["id"]: row for row in on_disk if (emb_dir / _chunk_name(row["chunk"])).exists()}
+    stored = _complete_chunks(on_disk, chunks, emb_dir)
     if len(stored) < len(on_disk):
-        # A kill between a chunk's rows and its embeddings leaves rows that the chunk's rescoring
-        # appends again, so they are dropped first: each example keeps one row in the file.
-        log.info("dropping %d scored rows whose chunk has no saved embeddings", len(on_disk) - len(stored))
+        # A kill inside a chunk leaves some of its rows; the chunk is scored again and appends
+        # all of them, so the partial rows are dropped first and each example keeps one row.
+        log.info("dropping %d scored rows of chunks that were not finished", len(on_disk) - len(stored))
         _write_rows(scores_path, list(stored.values()))
     if ta_hidden:
         # Chunks scored for the sentence encoder hold width-1 placeholders, not TA embeddings.
         widths = {n: _chunk_width(emb_dir / _chunk_name(n)) for n in {row["chunk"] for row in stored.values()}}
         stored = {i: row for i, row in stored.items() if widths[row["chunk"]] > 1}
-    size = cfg.selection.batch_size * _CHUNK_BATCHES
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
 
     with RowWriter(scores_path) as writer:
         for number, chunk in enumerate(chunks):
@@ -193,6 +229,19 @@ def score_pool(ctx: Any, lm: Any, task: TaskSpec, items: list[tuple[Example, Any
                 writer.append(row)
                 stored[row["id"]] = row
     return [stored[example.id] for example, _ in items]
+
+
+def _complete_chunks(rows: list[dict[str, Any]], chunks: list[list[Any]], emb_dir: Any) -> dict[str, dict[str, Any]]:
+    """Return the stored rows by id of the chunks with every row and a saved embeddings file."""
+    ids_by_chunk: dict[int, set[str]] = {}
+    for row in rows:
+        ids_by_chunk.setdefault(row["chunk"], set()).add(row["id"])
+    complete = {
+        number
+        for number, chunk in enumerate(chunks)
+        if (emb_dir / _chunk_name(number)).exists() and {e.id for e, _ in chunk} <= ids_by_chunk.get(number, set())
+    }
+    return {row["id"]: row for row in rows if row["chunk"] in complete}
 
 
 def _chunk_width(path: Any) -> int:

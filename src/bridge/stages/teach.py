@@ -2,7 +2,8 @@
 
 Outputs in ``teach/``: ``rows.jsonl`` (kept rationales with provenance: ledger key and cost),
 ``outcomes.jsonl`` (every request, kept or not, with the raw text of failures). The ledger is
-``ledger.sqlite`` in the run directory; a rerun reuses every response already bought.
+``ledger.sqlite`` in the run directory, or the one the run context holds (``bridge compare``
+shares one between its runs); a rerun reuses every response already bought.
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def run(ctx: Any) -> dict[str, Any]:
         data.task,
         cfg.teacher,
         cfg.budget,
-        ctx.run.root,
+        ctx.ledger if ctx.ledger is not None else ctx.run.root,
         call_cap,
         system=cfg.prompts.system,
         tokenizer=tokenizer,

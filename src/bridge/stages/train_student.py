@@ -12,12 +12,14 @@ Outputs in ``train_student/``:
 * ``model/``: the final student as a Hugging Face folder;
 * ``summary.json``: every stage in order.
 
-A stage folder whose inputs or settings changed is cleared before its stage trains again.
+A stage folder whose inputs or settings changed is cleared before its stage trains again. In a
+comparison, a stage whose key another run has finished is copied from that run, not trained again.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from typing import Any
 
 from bridge.curriculum import (
@@ -38,6 +40,8 @@ from bridge.stages.common import difficulty_by_id, require_file, teacher_rows
 log = logging.getLogger(__name__)
 
 FINAL_MODEL_DIR = "model"
+#: Kind under which a finished curriculum stage folder is shared between the runs of a comparison.
+STAGE_KIND = "student_stage"
 
 
 def run(ctx: Any) -> dict[str, Any]:
@@ -68,6 +72,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
     previous = fingerprint(cfg.models.student.model_dump(mode="json"))
     summaries = []
+    reused_seconds = 0.0
     for stage in stages:
         stage_data = build_stage_data(
             stage,
@@ -88,8 +93,13 @@ def run(ctx: Any) -> dict[str, Any]:
             cfg.evaluation.model_dump(mode="json"),
             stage_data.fingerprint(),
         )
+        reused = ctx.reuse(STAGE_KIND, key)
+        if reused is not None:
+            reused_seconds += reused
+            log.info("student stage %s: reusing the stage trained with the same key in another run", stage.name)
         folder = prepare_stage_dir(out / stage.name, key)
         log.info("student stage %s: %d rows of %s, loss %s, order %s", stage.name, len(stage_data.rows), stage.data, stage.loss, stage.order)
+        started = time.monotonic()
 
         dev_rows, metric = _model_choice(ctx, stage, stage_data, lm.tokenizer)
         result = train_stage(
@@ -119,6 +129,8 @@ def run(ctx: Any) -> dict[str, Any]:
         scores = summarise(predictions, data.task).as_dict()
         atomic_write_json(folder / "dev.json", scores)
         log.info("student dev accuracy after stage %s: %.3f", stage.name, scores["accuracy"])
+        seconds = reused if reused is not None else time.monotonic() - started
+        ctx.publish(STAGE_KIND, key, [folder], seconds)
         summaries.append(
             {
                 "name": stage.name,
@@ -129,18 +141,22 @@ def run(ctx: Any) -> dict[str, Any]:
                 "optimizer_steps": result.global_step,
                 "output_dir": str(result.output_dir),
                 "dev": scores,
+                "seconds": round(seconds, 1),
             }
         )
         previous = key
 
     final = save_final_model(lm.model, lm.tokenizer, out / FINAL_MODEL_DIR)
     ctx.models["student_trained"] = lm
-    return {
+    summary = {
         "curriculum": cfg.student.curriculum,
         "stages": summaries,
         "final_model": str(final),
         "dev_accuracy": summaries[-1]["dev"]["accuracy"],
     }
+    if reused_seconds:
+        summary["reused_seconds"] = round(reused_seconds, 1)
+    return summary
 
 
 def _model_choice(ctx: Any, stage: Any, stage_data: StageData, tokenizer: Any) -> tuple[Any, Any]:

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bridge.config import BudgetConfig, TeacherConfig
 from bridge.data.types import Example, TaskSpec
@@ -36,6 +36,9 @@ from bridge.teacher.budget import (
 from bridge.teacher.client import Outcome, Teacher
 from bridge.teacher.ledger import LEDGER_FILENAME, Ledger
 from bridge.teacher.prices import picousd_to_usd, resolve_price
+
+if TYPE_CHECKING:
+    from bridge.teacher.account import LedgerAccount
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +113,7 @@ def buy_rationales(
     task: TaskSpec,
     teacher_cfg: TeacherConfig,
     budget_cfg: BudgetConfig,
-    ledger: Ledger | Path | str,
+    ledger: Ledger | LedgerAccount | Path | str,
     call_cap: int | None = None,
     *,
     system: str | None = None,
@@ -125,7 +128,8 @@ def buy_rationales(
 ) -> TeachResult:
     """Buy rationales for ``examples`` (in priority order) within the budget and apply the policy.
 
-    ``ledger`` is an open :class:`Ledger`, a run directory or a ``.sqlite`` path. ``call_cap``
+    ``ledger`` is an open :class:`Ledger` (or an object with its interface, such as a
+    :class:`~bridge.teacher.account.LedgerAccount`), a run directory or a ``.sqlite`` path. ``call_cap``
     is the call cap from the subset size (``ceil(budget.fraction * pool)`` or ``budget.count``),
     re-asks included; ``budget.max_calls``, ``max_tokens`` and ``max_cost_usd`` apply as well.
     ``tokenizer`` and ``max_context_tokens`` trim the context as in every other stage's prompts.
@@ -182,8 +186,8 @@ def buy_rationales(
 
     asks = [render(e, None) for e in examples]
     caps = caps_from_config(budget_cfg, call_cap)
-    owns_ledger = not isinstance(ledger, Ledger)
-    opened = ledger if isinstance(ledger, Ledger) else open_ledger(ledger)
+    owns_ledger = isinstance(ledger, str | Path)
+    opened = open_ledger(ledger) if isinstance(ledger, str | Path) else ledger
     try:
         teacher = Teacher(
             backend,

@@ -60,12 +60,14 @@ def is_reusable(stored: StoredResponse, max_tokens: int) -> bool:
 
     A response that ended by stop is reused when the new ``max_tokens`` is at least its
     completion length, because the new limit would not have cut it; when the endpoint reported
-    no length, the limit it was produced under is used instead. A response cut by length is
-    reused (as the same failure) only when the new limit is no larger than the one that cut it.
+    no length, the limit it was produced under is used instead. A stop-ended response longer
+    than its own limit (the reference backend ignores the limit) is reused under any limit at
+    least that one. A response cut by length is reused (as the same failure) only when the new
+    limit is no larger than the one that cut it.
     """
     if stored.finish_reason == "stop":
         length = stored.completion_tokens if stored.completion_tokens is not None else stored.max_tokens
-        return max_tokens >= length
+        return max_tokens >= min(length, stored.max_tokens)
     if stored.finish_reason == "length":
         return max_tokens <= stored.max_tokens
     return False
