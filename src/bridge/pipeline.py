@@ -19,7 +19,7 @@ from typing import Any
 
 from bridge.config import BridgeConfig, dump_config
 from bridge.errors import BridgeError
-from bridge.rundir import STAGES, RunDir, atomic_write_json, fingerprint
+from bridge.rundir import STAGES, RunDir, atomic_write_json, fingerprint, read_json
 
 log = logging.getLogger(__name__)
 
@@ -301,5 +301,8 @@ def run_pipeline(
         run.mark_done(stage, expected, {name: ctx.fingerprints[name] for name in inputs[stage]})
         summaries[stage] = summary
         log.info("stage %s finished in %.1f s", stage, timings[stage])
-    atomic_write_json(run.root / "timings.json", timings)
+    # Seconds per stage across invocations: a resumed run keeps the times of stages it skipped.
+    timings_path = run.root / "timings.json"
+    recorded = read_json(timings_path) if timings_path.exists() else {}
+    atomic_write_json(timings_path, {**recorded, **timings})
     return summaries

@@ -29,6 +29,17 @@ def _money(value: float | None) -> str:
     return "n/a" if value is None else f"${value:.4f}"
 
 
+def _in_report_order(models: dict[str, Any], student_summary: dict[str, Any]) -> dict[str, Any]:
+    """Order rows as baselines, teacher, TA before and after, then students in curriculum order.
+
+    The metrics file stores its keys sorted, so the order is rebuilt here.
+    """
+    order = ["majority", "teacher", "ta/before", "ta/after"]
+    order += [f"student/{stage['name']}" for stage in student_summary.get("stages", [])]
+    ranked = sorted(models, key=lambda name: (order.index(name) if name in order else len(order), name))
+    return {name: models[name] for name in ranked}
+
+
 def score_cells(scores: dict[str, Any] | None) -> list[str]:
     """Return table cells: accuracy with interval, macro-F1, unparsable and truncated rates."""
     if not scores:
@@ -54,7 +65,7 @@ def build_run_report(root: Path, out: Path) -> Document:
     timings = _load(root / "timings.json") or {}
     versions = _load(root / "versions.json") or {}
     config_text = (root / "config.yaml").read_text(encoding="utf-8") if (root / "config.yaml").exists() else ""
-    models = metrics.get("models", {})
+    models = _in_report_order(metrics.get("models", {}), _load(root / "train_student" / "summary.json") or {})
     mode = metrics.get("headline_mode", "generation")
 
     doc = Document(title=f"bridge run report: {root.name}")
