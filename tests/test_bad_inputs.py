@@ -247,7 +247,7 @@ def test_long_question_names_row(cli_env: Path, tiny_model_dir: Path):
             "estimate", "--set", "data.dataset=generic", "--set", "data.train_file=long_question.jsonl",
             "--set", "data.dev_file=small_dev.jsonl", "--set", "data.test_file=small_test.jsonl",
             "--set", "data.format=yes_no_maybe", "--set", "data.fields.id=id", "--set", "budget.fraction=1.0",
-            "--set", f"teacher.tokenizer={tiny_model_dir}",
+            "--set", f"teacher.tokenizer={tiny_model_dir}", "--set", "prompts.max_context_tokens=128",
         ),
         ("long_question.jsonl: line 1", "example huge", "prompts.max_context_tokens = 128",
          "fix: raise prompts.max_context_tokens", "data.skip_invalid"),
