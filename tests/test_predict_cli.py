@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from bridge import api
 from bridge.cli import app
-from bridge.config import BridgeConfig, dump_config
+from bridge.config import BridgeConfig, dump_config, load_config
 from bridge.data import load_dataset
 from bridge.errors import ConfigError, DataError
 from bridge.metrics import wilson_interval
@@ -126,7 +126,8 @@ def test_predict_config_from_run_dir(tmp_path, tiny_model_dir):
     (run / "config.yaml").write_text(dump_config(stored), encoding="utf-8")
     assert api.prediction_config(str(run)).evaluation.max_new_tokens == 3
     assert api.prediction_config(str(run), None, ["evaluation.max_new_tokens=5"]).evaluation.max_new_tokens == 5
-    assert api.prediction_config(str(tiny_model_dir)).evaluation.max_new_tokens == BridgeConfig().evaluation.max_new_tokens
+    embedded = load_config(None).evaluation.max_new_tokens
+    assert api.prediction_config(str(tiny_model_dir)).evaluation.max_new_tokens == embedded
 
 
 def test_predict_rejects_bad_sources(tmp_path, tiny_model_dir, data_file, config_file):
