@@ -53,7 +53,7 @@ def files_containing(root: Path, secret: str) -> list[str]:
 
 
 def key_echo_responder(messages: list[dict[str, str]]) -> str:
-    """A teacher that answers correctly but quotes the caller's key, as a leaky proxy might."""
+    """A teacher that replies with the right answer but quotes the caller's key, as a leaky proxy might."""
     user = messages[-1]["content"]
     gold = "yes" if "(case yes)" in user else "no"
     return f"Authorised by {KEY}. The record settles it.\nAnswer: {gold}"
@@ -105,7 +105,7 @@ def test_key_never_stored_or_printed(
     assert KEY not in (runs / "keycheck" / "config.yaml").read_text()
 
 
-def test_key_env_value_never_shown(tmp_path: Path):
+def test_key_env_value_never_shown():
     """A key pasted where the variable name belongs is rejected without echoing it."""
     result = run_cli("config", "show", "--set", f"teacher.api_key_env={KEY}")
     assert result.code == 2
@@ -134,7 +134,7 @@ def test_pickle_only_model_rejected(tmp_path: Path, tiny_model_dir: Path):
 
 
 def test_pickle_only_adapter_rejected(tmp_path: Path, tiny_model_dir: Path):
-    """A run directory whose adapter is pickled is refused by bridge predict before unpickling."""
+    """A run directory whose adapter is pickled is rejected by bridge predict before unpickling."""
     run_dir = tmp_path / "run"
     adapter = run_dir / "train_ta" / "adapter"
     adapter.mkdir(parents=True)
@@ -156,18 +156,16 @@ def test_pickle_only_adapter_rejected(tmp_path: Path, tiny_model_dir: Path):
     assert not marker.exists()
 
 
-class _StopAfterStep:
-    """A Trainer callback that stops the process's training after ``step`` optimizer steps, as a kill would."""
+def stop_after_step(step: int):
+    """Return a Trainer callback that interrupts training after ``step`` optimizer steps, as a kill would."""
+    from transformers import TrainerCallback
 
-    def __new__(cls, step: int):
-        from transformers import TrainerCallback
+    class StopAfter(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == step:
+                raise KeyboardInterrupt
 
-        class StopAfter(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if state.global_step == step:
-                    raise KeyboardInterrupt
-
-        return StopAfter()
+    return StopAfter()
 
 
 @pytest.mark.parametrize("victim", ["optimizer.pt", "scheduler.pt", "rng_state.pth"])
@@ -180,7 +178,7 @@ def test_tampered_checkpoint_not_unpickled(tmp_path: Path, tiny_model_dir: Path,
     config = TrainingConfig(method="full", epochs=2, batch_size=4, save_every=1, learning_rate=1e-3)
     out = tmp_path / "train"
     with pytest.raises(KeyboardInterrupt):
-        train_sft(rows, base=str(tiny_model_dir), config=config, out_dir=out, callbacks=[_StopAfterStep(2)])
+        train_sft(rows, base=str(tiny_model_dir), config=config, out_dir=out, callbacks=[stop_after_step(2)])
     checkpoint = latest_checkpoint(out / "checkpoints")
     assert checkpoint is not None
     assert (checkpoint / victim).is_file()
