@@ -1,9 +1,9 @@
 """`bridge run`: the stage order, fingerprints, skip and resume, ``--from`` and ``--until``.
 
 Each stage is a function ``run(ctx) -> dict`` in :mod:`bridge.stages`, returning a small
-summary. A stage is skipped when its folder holds a complete fingerprint equal to the one
+summary. A stage is skipped when its folder contains a complete fingerprint equal to the one
 computed now from the stage's configuration sections and the fingerprints of the stages it
-reads; otherwise it runs, resuming whatever partial work its folder holds.
+reads; otherwise it runs, resuming whatever partial work its folder contains.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def _section(config: BridgeConfig, dotted: str) -> Any:
 
 @dataclass
 class RunContext:
-    """What a stage needs: the configuration, the run directory and shared lazy resources."""
+    """Inputs of a stage: the configuration, the run directory and shared lazily loaded resources."""
 
     config: BridgeConfig
     run: RunDir

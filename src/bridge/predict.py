@@ -231,7 +231,12 @@ def as_local_model(model: Any, tokenizer: Any) -> Any:
 
     parameter = next(model.parameters())
     eos = model.generation_config.eos_token_id
-    eos_ids = list(eos) if isinstance(eos, list | tuple) else [eos] if eos is not None else []
+    if isinstance(eos, list | tuple):
+        eos_ids = list(eos)
+    elif eos is not None:
+        eos_ids = [eos]
+    else:
+        eos_ids = []
     end_of_turn = find_end_of_turn(tokenizer)
     turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
     if turn_id not in eos_ids:

@@ -1,6 +1,6 @@
 """Run directory layout, atomic writes, append-only row files and stage fingerprints.
 
-A run directory holds one subfolder per stage. A stage's outputs are valid only while its
+A run directory contains one subfolder per stage. A stage's outputs are valid only while its
 fingerprint (a hash of its configuration and of its inputs' fingerprints) matches the one stored
 in ``<stage>/fingerprint.json``; a stage that finds a different fingerprint reruns.
 
