@@ -227,20 +227,11 @@ def as_local_model(model: Any, tokenizer: Any) -> Any:
     """Wrap a model being trained (possibly a PEFT model) and its tokenizer for inference."""
     import torch
 
-    from bridge.models.loading import LocalModel, find_end_of_turn
+    from bridge.models.loading import LocalModel, eos_token_ids, find_end_of_turn
 
     parameter = next(model.parameters())
-    eos = model.generation_config.eos_token_id
-    if isinstance(eos, list | tuple):
-        eos_ids = list(eos)
-    elif eos is not None:
-        eos_ids = [eos]
-    else:
-        eos_ids = []
     end_of_turn = find_end_of_turn(tokenizer)
-    turn_id = tokenizer.convert_tokens_to_ids(end_of_turn)
-    if turn_id not in eos_ids:
-        eos_ids.append(turn_id)
+    eos_ids = eos_token_ids(tokenizer, model, end_of_turn)
     return LocalModel(
         model=model,
         tokenizer=tokenizer,

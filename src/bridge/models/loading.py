@@ -416,7 +416,7 @@ def load_model(ref: ModelRef, *, padding_side: str = "left") -> LocalModel:
     model.to(device)
     model.eval()
 
-    eos_ids = _eos_token_ids(tokenizer, model, end_of_turn)
+    eos_ids = eos_token_ids(tokenizer, model, end_of_turn)
     model.generation_config.eos_token_id = eos_ids
     model.generation_config.pad_token_id = tokenizer.pad_token_id
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -532,7 +532,8 @@ def repair_tokenizer(tokenizer: PreTrainedTokenizerBase, model: Any = None) -> s
     return end_of_turn
 
 
-def _eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any, end_of_turn: str) -> list[int]:
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, model: Any, end_of_turn: str) -> list[int]:
+    """Return the ids that end a generation: the tokenizer's eos, the end-of-turn token and the model's configured eos."""
     ids: list[int] = []
     configured = model.generation_config.eos_token_id
     candidates = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(end_of_turn)]
