@@ -121,7 +121,7 @@ class RunContext:
         return splits
 
     def ta_model(self) -> Any:
-        """The untuned teacher assistant on the configured engine (``models.ta_engine``), loaded once per process.
+        """Return the untuned teacher assistant on the configured engine (``models.ta_engine``), loaded once per process.
 
         The transformers engine returns a ``LocalModel``; the others return an engine object
         from :mod:`bridge.engines`, which loads the weights here only when a stage trains them.
@@ -135,7 +135,7 @@ class RunContext:
         return self.models["ta"]
 
     def refined_ta(self) -> Any:
-        """The TA after apprenticeship: in memory from train-ta, else its base plus the saved adapter."""
+        """Return the TA after apprenticeship: in memory from train-ta, else its base plus the saved adapter."""
         if "ta_refined" not in self.models:
             from bridge.models.training import ADAPTER_DIR, MODEL_DIR
             from bridge.predict import as_local_model
@@ -165,7 +165,7 @@ class RunContext:
         return self.models["ta_refined"]
 
     def student_model(self) -> Any:
-        """The untrained student (``models.student``, layers kept as configured), loaded once per process."""
+        """Return the untrained student (``models.student``, layers kept as configured), loaded once per process."""
         if "student" not in self.models:
             from bridge.models.loading import load_model
 
