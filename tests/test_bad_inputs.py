@@ -374,5 +374,5 @@ def test_override_keeps_section_defaults():
     config = load_config(None, ["student.training.batch_size=4", "models.student.path=/models/student"])
     assert config.student.training.batch_size == 4
     assert config.student.training.method == "full"
-    assert config.student.training.learning_rate == 5e-4
+    assert config.student.training.learning_rate == 2e-4
     assert config.models.student.keep_layers == [0, 5, 10, 15, 20, 25, 29]

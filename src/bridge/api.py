@@ -76,6 +76,26 @@ def compare(
     return run_comparison(config, seeds=seeds, methods=methods, yes=yes)
 
 
+def tune_selection(
+    config: BridgeConfig,
+    *,
+    lambdas: list[float] | None = None,
+    seeds: int = 2,
+    student_data: str = "teacher_rationales",
+    yes: bool = False,
+) -> dict[str, Any]:
+    """Run the selection protocol into ``<output.runs_dir>/<name>-selection`` and return its result.
+
+    Phase 1 tries each lambda with the TA hidden-state embedding, phase 2 the sentence-encoder
+    embedding at the best lambda; :mod:`bridge.tuning` describes the scoring. Rerunning resumes.
+    """
+    from bridge.tuning import run_protocol
+
+    return run_protocol(
+        config, lambdas=lambdas or (0.0, 0.5, 1.0), seeds=seeds, student_data=student_data, yes=yes
+    )
+
+
 # --------------------------------------------------------------------------------------------
 # Data sets
 

@@ -151,6 +151,38 @@ def compare(
     typer.echo(f"report: {compare_root(cfg) / REPORT_DIR / 'comparison.html'}")
 
 
+@app.command("tune-selection")
+def tune_selection(
+    config: ConfigArg = None,
+    overrides: OverridesOpt = None,
+    lambdas: Annotated[
+        str, typer.Option("--lambdas", help="Comma-separated lambda values for phase 1, each between 0 and 1.")
+    ] = "0,0.5,1",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="Seeds per grid cell.")] = 2,
+    student_data: Annotated[
+        str,
+        typer.Option(
+            "--student-data",
+            help="Stage B data: teacher_rationales (bought rationales only, cheap) or rationales (with TA "
+            "apprenticeship and tutoring).",
+        ),
+    ] = "teacher_rationales",
+    yes: YesOpt = False,
+) -> None:
+    """Choose lambda and the embedding by the dev accuracy of a Stage B student; rerun to resume."""
+    from bridge import api
+    from bridge.tuning import TABLE_FILE, format_protocol, selection_root
+
+    cfg = api.load_config(config, _overrides(overrides))
+    try:
+        values = [float(value) for value in lambdas.split(",") if value.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{lambdas!r} is not a comma-separated list of numbers, such as 0,0.5,1") from None
+    state = api.tune_selection(cfg, lambdas=values, seeds=seeds, student_data=student_data, yes=yes)
+    typer.echo(format_protocol(state))
+    typer.echo(f"table: {selection_root(cfg) / TABLE_FILE}")
+
+
 def _stage_command(command: str, doc: str) -> None:
     def command_function(config: ConfigArg = None, overrides: OverridesOpt = None, yes: YesOpt = False) -> None:
         from bridge import api

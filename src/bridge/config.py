@@ -478,7 +478,14 @@ class CurriculumStage(Section):
     )
     alpha: float = Field(0.5, ge=0, le=1, description="Weight of the label task in step_by_step.")
     epochs: float = Field(2.0, gt=0, description="Passes over the stage's rows.")
-    learning_rate: float = Field(5e-4, gt=0, description="Peak learning rate.")
+    learning_rate: float = Field(
+        2e-4,
+        gt=0,
+        description=(
+            "Peak learning rate. Measured on PubMedQA with the 7-layer student: 5e-4 in both stages left it writing "
+            "only blank lines, while 1e-4 for labels and 2e-4 for rationales kept the answer line."
+        ),
+    )
     order: Literal["shuffled", "easy_to_hard"] = Field(
         "shuffled",
         description="Row order: shuffled each epoch, or easy_to_hard by Phase 1 difficulty (the same order every epoch).",
@@ -526,8 +533,8 @@ class CurriculumStage(Section):
 
 def _default_stages() -> list[CurriculumStage]:
     return [
-        CurriculumStage(name="stage-a", data="labels", epochs=1.0, learning_rate=5e-4),
-        CurriculumStage(name="stage-b", data="rationales", epochs=2.0, learning_rate=5e-4),
+        CurriculumStage(name="stage-a", data="labels", epochs=1.0, learning_rate=1e-4),
+        CurriculumStage(name="stage-b", data="rationales", epochs=3.0, learning_rate=2e-4),
     ]
 
 
@@ -536,7 +543,7 @@ class StudentConfig(Section):
 
     stages: list[CurriculumStage] = Field(default_factory=_default_stages, description="Ordered training stages.")
     training: TrainingConfig = Field(
-        default_factory=lambda: TrainingConfig(method="full", learning_rate=5e-4),
+        default_factory=lambda: TrainingConfig(method="full", learning_rate=2e-4),
         description="Fine-tuning settings; each stage overrides epochs and learning rate.",
     )
     curriculum: bool = Field(

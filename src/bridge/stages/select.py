@@ -113,8 +113,8 @@ def run(ctx: Any) -> dict[str, Any]:
 def scoring_key(cfg: Any, kind: str) -> str:
     """Return the key of the pool's scores and TA embeddings: everything they depend on.
 
-    The selector, lambda, filters and budget are left out, so runs that select differently
-    from the same scores share them. The seed counts only for the sampled answer entropy.
+    The selector, lambda, embedding choice, filters and budget are left out, so runs that select
+    differently from the same scores share them (the TA embeddings are always written). The seed counts only for the sampled answer entropy.
     """
     sampling = {"seed": cfg.seed, "samples": cfg.selection.samples} if kind == "answer_entropy" else {}
     generation = (
@@ -129,7 +129,6 @@ def scoring_key(cfg: Any, kind: str) -> str:
         cfg.prompts.model_dump(mode="json"),
         cfg.models.ta.model_dump(mode="json"),
         cfg.models.ta_engine,
-        cfg.selection.embedding,
         cfg.selection.batch_size,
         sampling,
         generation,

@@ -3,12 +3,13 @@
 The stages come from ``student.stages`` in order (:mod:`bridge.curriculum` builds their rows and
 losses); ``student.curriculum: false`` runs only the first rationales stage. The first stage
 starts from ``models.student``. After each stage the student is evaluated on the dev split by
-generation, as deployed.
+generation, as deployed, and for closed formats also by option scoring.
 
 Outputs in ``train_student/``:
 
 * ``<stage name>/``: the fine-tuning output (``model/`` or ``adapter/``, ``metrics.json``,
-  ``sample_order.jsonl``), ``dev_predictions.jsonl`` and ``dev.json`` (dev accuracy);
+  ``sample_order.jsonl``), ``dev_predictions.jsonl`` and ``dev.json`` (dev accuracy by generation, with
+  the option-scoring result under ``scoring`` for closed formats);
 * ``model/``: the final student as a Hugging Face folder;
 * ``summary.json``: every stage in order.
 
@@ -33,7 +34,13 @@ from bridge.curriculum import (
     train_stage,
 )
 from bridge.errors import ConfigError
-from bridge.predict import accuracy_metric, as_local_model, predict_generation, summarise
+from bridge.predict import (
+    accuracy_metric,
+    as_local_model,
+    predict_generation,
+    predict_scoring,
+    summarise,
+)
 from bridge.rundir import atomic_write_json, fingerprint, read_rows
 from bridge.stages.common import difficulty_by_id, require_file, teacher_rows
 
@@ -127,8 +134,19 @@ def run(ctx: Any) -> dict[str, Any]:
             rows_path=folder / "dev_predictions.jsonl",
         )
         scores = summarise(predictions, data.task).as_dict()
+        if data.task.is_closed:
+            scored = predict_scoring(
+                lm, data.dev, data.task, cfg.prompts,
+                batch_size=cfg.evaluation.batch_size, skip_invalid=cfg.data.skip_invalid,
+            )
+            scores["scoring"] = summarise(scored, data.task).as_dict()
         atomic_write_json(folder / "dev.json", scores)
-        log.info("student dev accuracy after stage %s: %.3f", stage.name, scores["accuracy"])
+        log.info(
+            "student dev accuracy after stage %s: %.3f by generation%s",
+            stage.name,
+            scores["accuracy"],
+            f", {scores['scoring']['accuracy']:.3f} by option scoring" if "scoring" in scores else "",
+        )
         seconds = reused if reused is not None else time.monotonic() - started
         ctx.publish(STAGE_KIND, key, [folder], seconds)
         summaries.append(

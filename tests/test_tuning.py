@@ -1,0 +1,162 @@
+"""bridge tune-selection: cell configurations, the choice rule, and the protocol end to end on tiny models."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from bridge.config import BridgeConfig
+from bridge.errors import ConfigError
+from bridge.rundir import read_json
+from bridge.tuning import (
+    Cell,
+    _best,
+    _cell_summary,
+    cell_config,
+    cell_stages,
+    run_protocol,
+)
+from test_compare import tiny_config
+
+
+def small_config(**changes) -> BridgeConfig:
+    raw = {
+        "name": "sel",
+        "seed": 3,
+        "data": {"dataset": "pubmedqa_pqal", "train_size": 16, "dev_size": 4, "test_size": 4},
+        "teacher": {"backend": "reference", "model": "reference", "price_per_call": 0.01},
+        "selection": {"lam": 0.5, "embedding": "ta_hidden", "selector": "kcenter"},
+        "student": {
+            "stages": [
+                {"name": "a", "data": "labels", "epochs": 1.0, "learning_rate": 1e-4},
+                {"name": "b", "data": "rationales", "epochs": 3.0, "learning_rate": 3e-4},
+            ]
+        },
+    }
+    raw.update(changes)
+    return BridgeConfig.model_validate(raw)
+
+
+def test_cell_config_keeps_stage_b_only_and_sets_the_grid_point():
+    config = small_config()
+    cell = cell_config(config, Cell(1, 0.0, "encoder"), 1, "teacher_rationales")
+    assert cell.selection.selector == "facility"
+    assert cell.selection.lam == 0.0
+    assert cell.selection.embedding == "encoder"
+    assert [(s.name, s.data, s.epochs, s.learning_rate) for s in cell.student.stages] == [
+        ("stage-b", "teacher_rationales", 3.0, 3e-4)
+    ]
+    assert cell.seed == 4
+    assert cell.name == "lam0-encoder-seed4"
+    assert cell.output.runs_dir == str(Path("runs") / "sel-selection")
+    assert cell.data == config.data
+    assert cell_config(config, Cell(1, 1.0, "ta_hidden"), 0, "rationales").student.stages[0].data == "rationales"
+    assert cell_stages("teacher_rationales") == ("select", "teach", "train_student")
+    assert cell_stages("rationales") == ("select", "teach", "train_ta", "tutor", "train_student")
+
+
+def _summary(lam: float, embedding: str, generation: list[float], scoring: list[float | None]) -> tuple[Cell, dict]:
+    runs = [
+        {"seed": i, "dev_accuracy": g, "dev_scoring_accuracy": s, "wall_seconds": 1.0}
+        for i, (g, s) in enumerate(zip(generation, scoring, strict=True))
+    ]
+    cell = Cell(1, lam, embedding)
+    return cell, _cell_summary(cell, runs)
+
+
+def test_best_cell_uses_generation_then_scoring_then_configured_values():
+    config = small_config()
+    assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.7], [0.1, 0.1]), _summary(1.0, "ta_hidden", [0.5, 0.6], [0.9, 0.9])]).lam == 0.0
+    # Equal generation accuracy: option scoring decides.
+    assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.5], [0.4, 0.4]), _summary(1.0, "ta_hidden", [0.5, 0.5], [0.6, 0.6])]).lam == 1.0
+    # Equal on both: the lambda nearest the configured 0.5 wins.
+    tied = [_summary(lam, "ta_hidden", [0.0, 0.0], [None, None]) for lam in (0.0, 0.5, 1.0)]
+    assert _best(config, tied).lam == 0.5
+    # Equal at the same lambda: the configured embedding wins.
+    pair = [_summary(0.5, "encoder", [0.2, 0.2], [0.3, 0.3]), _summary(0.5, "ta_hidden", [0.2, 0.2], [0.3, 0.3])]
+    assert _best(config, pair).embedding == "ta_hidden"
+
+
+def test_summary_reports_mean_and_spread():
+    _, summary = _summary(0.5, "ta_hidden", [0.25, 0.75], [0.5, None])
+    assert summary["dev_accuracy_mean"] == pytest.approx(0.5)
+    assert summary["dev_accuracy_std"] == pytest.approx(0.3535534, rel=1e-6)
+    assert summary["dev_scoring_accuracy_mean"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"student_data": "labels"}, "not a Stage B data kind"),
+        ({"seeds": 0}, "--seeds 0 is invalid"),
+        ({"lambdas": [0.5, 1.5]}, "must be values between 0 and 1"),
+        ({"lambdas": []}, "must be values between 0 and 1"),
+    ],
+)
+def test_bad_protocol_arguments_are_clear_errors(kwargs, message, tmp_path):
+    config = small_config(output={"runs_dir": str(tmp_path)})
+    with pytest.raises(ConfigError, match=message):
+        run_protocol(config, **kwargs)
+    assert not (tmp_path / "sel-selection").exists()
+
+
+def test_cli_rejects_lambdas_that_are_not_numbers(tmp_path):
+    from bridge.cli import app
+
+    result = CliRunner().invoke(app, ["tune-selection", "--lambdas", "0,half", "--set", f"output.runs_dir={tmp_path}"])
+    assert result.exit_code != 0
+    assert "comma-separated list of numbers" in result.output
+
+
+def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir, data_dir):
+    import bridge.pipeline as pipeline
+
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", data_dir)
+    executions: list[tuple[str, str]] = []
+    original = pipeline._stage_function
+
+    def counted(stage):
+        function = original(stage)
+
+        def run(ctx):
+            executions.append((ctx.run.root.name, stage))
+            return function(ctx)
+
+        return run
+
+    patch = pytest.MonkeyPatch()
+    patch.setattr(pipeline, "_stage_function", counted)
+    try:
+        state = run_protocol(config, lambdas=[0.0, 1.0], seeds=2)
+        first = list(executions)
+        again = run_protocol(config, lambdas=[0.0, 1.0], seeds=2)
+    finally:
+        patch.undo()
+
+    root = tmp_path / "runs" / "tiny-selection"
+    assert state["complete"] is True
+    assert list(state["cells"]) == ["lam0-ta_hidden", "lam1-ta_hidden", f"lam{state['best_lambda']:g}-encoder"]
+    for summary in state["cells"].values():
+        assert [r["seed"] for r in summary["runs"]] == [0, 1]
+        for r in summary["runs"]:
+            assert 0.0 <= r["dev_accuracy"] <= 1.0
+            assert r["dev_scoring_accuracy"] is not None
+            assert r["subset_size"] == 4
+            dev = read_json(root / r["run"] / "train_student" / "stage-b" / "dev.json")
+            assert dev["accuracy"] == r["dev_accuracy"]
+            assert dev["scoring"]["n"] == 4
+    assert state["choice"]["lam"] == state["best_lambda"]
+    assert len(first) == 6 * 3
+    # The second invocation finds every stage current.
+    assert executions[len(first):] == []
+    assert again["choice"] == state["choice"]
+    # Scores of the pool were computed by one run and copied into the others.
+    select_summaries = [read_json(root / r["run"] / "select" / "summary.json") for c in state["cells"].values() for r in c["runs"]]
+    assert sum("reused_seconds" in s for s in select_summaries) == len(select_summaries) - 1
+    table = (root / "protocol.md").read_text()
+    assert "| 1 | 0 | ta_hidden |" in table
+    assert "Choice: lambda" in table
+    ledger = read_json(root / "protocol.json")
+    assert ledger["choice"] == state["choice"]
