@@ -8,8 +8,8 @@ The protocol runs on one configuration (one data set) in two phases:
 
 Every cell runs each seed through ``select`` and ``teach``, then trains the student with one
 stage only (Stage B) and scores it by accuracy on the dev split. Stage B learns from
-``teacher_rationales`` (the bought rationales of the selected subset, the cheap reading that
-sees the subset most directly) or from ``rationales`` (after TA apprenticeship and tutoring,
+``teacher_rationales`` (the bought rationales of the selected subset: the cheaper run, and the
+one closest to the subset itself) or from ``rationales`` (after TA apprenticeship and tutoring,
 the method as it runs). A cell's score is its mean dev accuracy by generation over the seeds;
 ties are broken by option scoring, then by nearness to the configured lambda, then by the
 configured embedding.
