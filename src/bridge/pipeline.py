@@ -135,32 +135,17 @@ class RunContext:
         return self.models["ta"]
 
     def refined_ta(self) -> Any:
-        """Return the TA after apprenticeship: in memory from train-ta, else its base plus the saved adapter."""
+        """Return the TA after apprenticeship: in memory from train-ta, else loaded from ``train_ta/``."""
         if "ta_refined" not in self.models:
-            from bridge.models.training import ADAPTER_DIR, MODEL_DIR
-            from bridge.predict import as_local_model
+            from bridge.models.run_models import load_refined_ta
 
-            folder = self.run.root / "train_ta"
-            base = self.ta_model()
-            if (folder / ADAPTER_DIR).is_dir():
-                from peft import PeftModel
-
-                from bridge.models.loading import require_safetensors
-
-                require_safetensors(folder / ADAPTER_DIR, "adapter")
-                merged = PeftModel.from_pretrained(base.model, folder / ADAPTER_DIR).merge_and_unload()
-                self.models["ta_refined"] = as_local_model(merged, base.tokenizer)
-            elif (folder / MODEL_DIR).is_dir():
-                from bridge.config import ModelRef
-                from bridge.models.loading import load_model
-
-                ref = self.config.models.ta.model_copy(update={"path": str(folder / MODEL_DIR), "keep_layers": None})
-                self.models["ta_refined"] = load_model(ModelRef.model_validate(ref.model_dump()))
-            else:
+            trained = load_refined_ta(self.run.root, self.config, base=self.ta_model())
+            if trained is None:
                 raise BridgeError(
-                    f"no trained TA in {folder}",
+                    f"no trained TA in {self.run.root / 'train_ta'}",
                     hint="run 'bridge train-ta' (or 'bridge run') with the same configuration first",
                 )
+            self.models["ta_refined"] = trained
             self.models.pop("ta", None)
         return self.models["ta_refined"]
 

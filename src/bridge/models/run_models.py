@@ -63,6 +63,25 @@ def load_run_model(run_dir: Path) -> LocalModel:
         log.info("run %s: loading the trained student from %s", run_dir, student)
         return load_model(ref)
 
+    trained = load_refined_ta(run_dir, config)
+    if trained is not None:
+        return trained
+    raise ModelLoadError(
+        f"run directory {run_dir} has no trained model: looked for {STUDENT_MODEL_DIR}/, {TA_ADAPTER_DIR}/ "
+        f"and {TA_MODEL_DIR}/",
+        hint="run 'bridge run' (or the train-ta stage) with this run's configuration first, or pass a model folder",
+    )
+
+
+def load_refined_ta(run_dir: Path, config: BridgeConfig, base: LocalModel | None = None) -> LocalModel | None:
+    """Load the TA after apprenticeship from ``run_dir``, or return None when train-ta has not finished.
+
+    After full fine-tuning that is ``train_ta/model/``. After LoRA it is the TA base with
+    ``train_ta/adapter/`` merged in memory; ``base``, when given, is that base already loaded,
+    and its weights are changed in place.
+    """
+    from bridge.models.loading import load_model
+
     full = run_dir / TA_MODEL_DIR
     if (full / "config.json").is_file():
         ref = config.models.ta.model_copy(update={"path": str(full), "keep_layers": None})
@@ -72,14 +91,8 @@ def load_run_model(run_dir: Path) -> LocalModel:
     adapter = run_dir / TA_ADAPTER_DIR
     if (adapter / "adapter_config.json").is_file():
         log.info("run %s: loading the TA base %s with the adapter %s", run_dir, config.models.ta.path, adapter)
-        lm = load_model(config.models.ta)
-        return _merge_adapter(lm, adapter)
-
-    raise ModelLoadError(
-        f"run directory {run_dir} has no trained model: looked for {STUDENT_MODEL_DIR}/, {TA_ADAPTER_DIR}/ "
-        f"and {TA_MODEL_DIR}/",
-        hint="run 'bridge run' (or the train-ta stage) with this run's configuration first, or pass a model folder",
-    )
+        return _merge_adapter(base if base is not None else load_model(config.models.ta), adapter)
+    return None
 
 
 def _merge_adapter(lm: LocalModel, adapter: Path) -> LocalModel:
