@@ -302,3 +302,24 @@ def test_unrelated_errors_pass_through(tmp_path: Path):
         raise ValueError("bad shape")
     with pytest.raises(FileNotFoundError), storage_errors(tmp_path, "write"):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")
+
+
+def test_final_student_save_on_full_disk_is_named_and_leaves_no_staging(tmp_path: Path):
+    """A full disk while saving the final student names the folder and removes the half-written copy."""
+    from bridge.curriculum import save_final_model
+
+    class FullDiskModel:
+        def save_pretrained(self, folder, **kwargs):
+            (Path(folder) / "model.safetensors").write_bytes(b"partial")
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    class Tokenizer:
+        def save_pretrained(self, folder):
+            raise AssertionError("not reached")
+
+    folder = tmp_path / "train_student" / "model"
+    with pytest.raises(StorageError) as caught:
+        save_final_model(FullDiskModel(), Tokenizer(), folder)
+    assert str(folder) in str(caught.value)
+    assert not folder.exists()
+    assert list(folder.parent.iterdir()) == []

@@ -53,7 +53,7 @@ from bridge.config import CurriculumStage, PromptConfig, StudentConfig, Training
 from bridge.data.types import Example, TaskSpec
 from bridge.errors import ConfigError, DataError
 from bridge.prompts import format_target, render_all, target_answer
-from bridge.rundir import atomic_write_json, ensure_dir, fingerprint, read_json
+from bridge.rundir import atomic_write_json, ensure_dir, fingerprint, read_json, storage_errors
 
 log = logging.getLogger(__name__)
 
@@ -551,11 +551,12 @@ def _save_full_folder(model: Any, tokenizer: Any, folder: Path) -> None:
     ensure_dir(folder.parent)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        tokenizer.save_pretrained(staging)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
+        with storage_errors(folder, "save the model to"):
+            model.save_pretrained(staging, safe_serialization=True)
+            tokenizer.save_pretrained(staging)
+            if folder.exists():
+                shutil.rmtree(folder)
+            os.replace(staging, folder)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
