@@ -57,9 +57,11 @@ def test_cell_config_keeps_stage_b_only_and_sets_the_grid_point():
     assert cell_stages("rationales") == ("select", "teach", "train_ta", "tutor", "train_student")
 
 
-def _summary(lam: float, embedding: str, generation: list[float], scoring: list[float | None]) -> tuple[Cell, dict]:
+def _summary(
+    lam: float, embedding: str, generation: list[float], scoring: list[float | None], ta: float = 0.5
+) -> tuple[Cell, dict]:
     runs = [
-        {"seed": i, "dev_accuracy": g, "dev_scoring_accuracy": s, "wall_seconds": 1.0}
+        {"seed": i, "dev_accuracy": g, "dev_scoring_accuracy": s, "ta_dev_accuracy": ta, "wall_seconds": 1.0}
         for i, (g, s) in enumerate(zip(generation, scoring, strict=True))
     ]
     cell = Cell(1, lam, embedding)
@@ -71,7 +73,10 @@ def test_best_cell_uses_generation_then_scoring_then_configured_values():
     assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.7], [0.1, 0.1]), _summary(1.0, "ta_hidden", [0.5, 0.6], [0.9, 0.9])]).lam == 0.0
     # Equal generation accuracy: option scoring decides.
     assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.5], [0.4, 0.4]), _summary(1.0, "ta_hidden", [0.5, 0.5], [0.6, 0.6])]).lam == 1.0
-    # Equal on both: the lambda nearest the configured 0.5 wins.
+    # Equal for the student: the TA after apprenticeship decides.
+    pair = [_summary(0.0, "ta_hidden", [0.0, 0.0], [0.3, 0.3], ta=0.6), _summary(0.5, "ta_hidden", [0.0, 0.0], [0.3, 0.3], ta=0.4)]
+    assert _best(config, pair).lam == 0.0
+    # Equal on all three: the lambda nearest the configured 0.5 wins.
     tied = [_summary(lam, "ta_hidden", [0.0, 0.0], [None, None]) for lam in (0.0, 0.5, 1.0)]
     assert _best(config, tied).lam == 0.5
     # Equal at the same lambda: the configured embedding wins.
@@ -144,11 +149,14 @@ def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir
             assert 0.0 <= r["dev_accuracy"] <= 1.0
             assert r["dev_scoring_accuracy"] is not None
             assert r["subset_size"] == 4
+            assert 0.0 <= r["ta_dev_accuracy"] <= 1.0
+            assert (root / r["run"] / "train_ta" / "summary.json").is_file()
             dev = read_json(root / r["run"] / "train_student" / "stage-b" / "dev.json")
             assert dev["accuracy"] == r["dev_accuracy"]
             assert dev["scoring"]["n"] == 4
     assert state["choice"]["lam"] == state["best_lambda"]
-    assert len(first) == 6 * 3
+    assert len(first) == 6 * 4
+    assert {stage for _, stage in first} == {"select", "teach", "train_student", "train_ta"}
     # The second invocation finds every stage current.
     assert executions[len(first):] == []
     assert again["choice"] == state["choice"]

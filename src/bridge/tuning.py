@@ -7,12 +7,14 @@ The protocol runs on one configuration (one data set) in two phases:
 2. At the best lambda of phase 1, the sentence-encoder embedding.
 
 Every cell runs each seed through ``select`` and ``teach``, then trains the student with one
-stage only (Stage B) and scores it by accuracy on the dev split. Stage B learns from
+stage only (Stage B) and scores it by accuracy on the dev split. It also fine-tunes the TA on
+the purchases (``train_ta``) and records the TA's dev accuracy after apprenticeship, the first
+place where the subset shapes the method. Stage B learns from
 ``teacher_rationales`` (the bought rationales of the selected subset: the cheaper run, and the
 one closest to the subset itself) or from ``rationales`` (after TA apprenticeship and tutoring,
-the method as it runs). A cell's score is its mean dev accuracy by generation over the seeds;
-ties are broken by option scoring, then by nearness to the configured lambda, then by the
-configured embedding.
+the method as it runs). A cell's score is its student's mean dev accuracy by generation over
+the seeds; ties are broken by the student's option scoring, then by the TA's dev accuracy after
+apprenticeship, then by nearness to the configured lambda, then by the configured embedding.
 
 All cells write into ``<output.runs_dir>/<name>-selection``. They share one ledger, so a prompt
 two cells buy is paid once, and they copy the untuned TA's pool scores from the first cell that
@@ -68,6 +70,11 @@ def cell_stages(student_data: str) -> tuple[str, ...]:
     if student_data == "rationales":
         return ("select", "teach", "train_ta", "tutor", "train_student")
     return ("select", "teach", "train_student")
+
+
+#: The stages that give the TA's dev accuracy after apprenticeship; they run after the student's
+#: stages, so leaving train_ta out of those keeps the student's fingerprints unchanged.
+TA_STAGES = ("select", "teach", "train_ta")
 
 
 def cell_config(config: BridgeConfig, cell: Cell, seed_index: int, student_data: str) -> BridgeConfig:
@@ -166,6 +173,8 @@ def _run_cell(
         started = time.monotonic()
         with LedgerAccount(ledger, run.root.name, caps) as account:
             run_pipeline(cfg, stages=stages, yes=yes, ledger=account, shared=shared)
+            if "train_ta" not in stages:
+                run_pipeline(cfg, stages=TA_STAGES, yes=yes, ledger=account, shared=shared)
         runs.append(_run_scores(run.root, cfg.seed, time.monotonic() - started))
     return _cell_summary(cell, runs)
 
@@ -174,6 +183,7 @@ def _run_scores(root: Path, seed: int, wall: float) -> dict[str, Any]:
     student = read_json(root / "train_student" / "summary.json")
     dev = student["stages"][-1]["dev"]
     select = read_json(root / "select" / "summary.json")
+    ta = read_json(root / "train_ta" / "summary.json")
     return {
         "seed": seed,
         "run": root.name,
@@ -181,6 +191,8 @@ def _run_scores(root: Path, seed: int, wall: float) -> dict[str, Any]:
         "dev_scoring_accuracy": dev.get("scoring", {}).get("accuracy"),
         "dev_unparsable_rate": dev.get("unparsable_rate"),
         "dev_n": dev.get("n"),
+        "ta_dev_accuracy": ta["dev_after"]["accuracy"],
+        "ta_dev_accuracy_before": ta["dev_before"]["accuracy"],
         "subset_size": select.get("subset_size"),
         "wall_seconds": round(wall, 1),
     }
@@ -201,18 +213,20 @@ def _cell_summary(cell: Cell, runs: list[dict[str, Any]]) -> dict[str, Any]:
         "dev_accuracy_mean": _mean(generation),
         "dev_accuracy_std": statistics.stdev(generation) if len(generation) > 1 else 0.0,
         "dev_scoring_accuracy_mean": _mean([r["dev_scoring_accuracy"] for r in runs]),
+        "ta_dev_accuracy_mean": _mean([r.get("ta_dev_accuracy") for r in runs]),
     }
 
 
 def _best(config: BridgeConfig, cells: list[tuple[Cell, dict[str, Any]]]) -> Cell:
     """Return the cell with the highest mean dev accuracy, with the documented tie-breaks."""
 
-    def key(item: tuple[Cell, dict[str, Any]]) -> tuple[float, float, float, int]:
+    def key(item: tuple[Cell, dict[str, Any]]) -> tuple[float, float, float, float, int]:
         cell, summary = item
         scoring = summary["dev_scoring_accuracy_mean"]
         return (
             round(summary["dev_accuracy_mean"] or 0.0, 9),
             round(scoring if scoring is not None else 0.0, 9),
+            round(summary.get("ta_dev_accuracy_mean") or 0.0, 9),
             -abs(cell.lam - config.selection.lam),
             int(cell.embedding == config.selection.embedding),
         )
@@ -231,19 +245,21 @@ def format_protocol(state: dict[str, Any]) -> str:
         f"Selection protocol on {state['dataset']} ({state['name']}): Stage B data {state['student_data']}, "
         f"difficulty {state['difficulty']}, seeds {', '.join(map(str, state['seeds']))}.",
         "",
-        "| phase | lambda | embedding | dev accuracy (generation), mean ± sd | dev accuracy (option scoring), mean "
-        "| per seed (generation) | wall time per seed |",
-        "|---|---|---|---|---|---|---|",
+        "| phase | lambda | embedding | student dev accuracy (generation), mean ± sd | student (option scoring), "
+        "mean | TA after apprenticeship (generation), mean | student per seed (generation) | wall time per seed |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for summary in state["cells"].values():
         scoring = summary["dev_scoring_accuracy_mean"]
         scoring_text = "n/a" if scoring is None else f"{scoring:.3f}"
+        ta = summary.get("ta_dev_accuracy_mean")
+        ta_text = "n/a" if ta is None else f"{ta:.3f}"
         per_seed = ", ".join(f"{run['dev_accuracy']:.3f}" for run in summary["runs"])
         walls = ", ".join(f"{run['wall_seconds']:.0f} s" for run in summary["runs"])
         lines.append(
             f"| {summary['phase']} | {summary['lam']:g} | {summary['embedding']} "
             f"| {summary['dev_accuracy_mean']:.3f} ± {summary['dev_accuracy_std']:.3f} "
-            f"| {scoring_text} | {per_seed} | {walls} |"
+            f"| {scoring_text} | {ta_text} | {per_seed} | {walls} |"
         )
     if state.get("choice"):
         choice = state["choice"]
