@@ -34,6 +34,24 @@ def measure_in_subprocess(model_dir: Path, prompts: list[str], max_new_tokens: i
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+def peak_rss_mib() -> float:
+    """Return this process's peak resident memory in MiB since it started its program.
+
+    Linux's ``VmHWM`` belongs to the current address space, which exec replaces. ``ru_maxrss``
+    is not reset by exec, so in a child started from a large process it reports the parent's
+    memory at the fork; it is the fallback where ``/proc`` is missing.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():
+            if line.startswith("VmHWM:"):
+                return round(int(line.split()[1]) / 1024, 1)
+    except OSError:
+        pass
+    # ru_maxrss is in KiB on Linux and in bytes on macOS.
+    scale = 1024 * 1024 if sys.platform == "darwin" else 1024
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / scale, 1)
+
+
 def _main(model_dir: str, prompts_file: str, max_new_tokens: str) -> dict[str, Any]:
     from bridge.config import ModelRef
     from bridge.models.inference import GenerationRequest, generate
@@ -56,8 +74,7 @@ def _main(model_dir: str, prompts_file: str, max_new_tokens: str) -> dict[str, A
         "median_seconds_per_answer": round(timings[len(timings) // 2], 3) if timings else None,
         "mean_seconds_per_answer": round(sum(timings) / len(timings), 3) if timings else None,
         "tokens_per_second": round(tokens / sum(timings), 1) if timings and sum(timings) else None,
-        # ru_maxrss is in KiB on Linux.
-        "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mib": peak_rss_mib(),
         "parameters": sum(p.numel() for p in lm.model.parameters()),
     }
 
