@@ -98,12 +98,20 @@ def plot_frontier(points: Sequence[dict[str, Any]], x_key: str, x_label: str, pa
     if not points:
         return None
     fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    xs = [p[x_key] for p in points]
+    middle = (min(xs) + max(xs)) / 2
     for p in points:
         yerr = None
         if p.get("ci_low") is not None:
             yerr = [[p["accuracy"] - p["ci_low"]], [p["ci_high"] - p["accuracy"]]]
         ax.errorbar([p[x_key]], [p["accuracy"]], yerr=yerr, fmt="o", capsize=3)
-        ax.annotate(p["label"], (p[x_key], p["accuracy"]), textcoords="offset points", xytext=(5, 4), fontsize=8)
+        # Labels of points in the right half run leftwards, so they stay inside the axes.
+        right = max(xs) > min(xs) and p[x_key] > middle
+        ax.annotate(
+            p["label"], (p[x_key], p["accuracy"]), textcoords="offset points",
+            xytext=(-5, 4) if right else (5, 4), ha="right" if right else "left", fontsize=8,
+        )
+    ax.margins(x=0.08)
     ordered = sorted(points, key=lambda p: (p[x_key], -p["accuracy"]))
     envelope, best = [], -1.0
     for p in ordered:
