@@ -149,6 +149,23 @@ def atomic_write_json(path: Path, obj: Any) -> None:
     atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=False) + "\n")
 
 
+def keyed_rows(path: Path, key: str) -> Path:
+    """Return ``path``, a resumable rows file, deleted first when it holds rows written for another key.
+
+    The key names what produced the rows (the model and the settings). It is stored beside the
+    file as ``<name>.key``; a file with no key beside it counts as another key's. Call this before
+    writing or restoring the rows, so rows of a changed model are never reused.
+    """
+    marker = path.with_name(path.name + ".key")
+    stored = marker.read_text(encoding="utf-8").strip() if marker.exists() else None
+    if stored != key:
+        if path.exists():
+            log.info("discarding %s: it holds rows written for other inputs or settings", path)
+            path.unlink()
+        atomic_write_text(marker, key + "\n")
+    return path
+
+
 def read_json(path: Path) -> Any:
     """Read a JSON file written by :func:`atomic_write_json`."""
     try:

@@ -18,7 +18,7 @@ from typing import Any
 
 from bridge.metrics import gap_closure, majority_baseline, relative_gain
 from bridge.predict import predict_generation, predict_scoring, summarise
-from bridge.rundir import atomic_write_json, ensure_dir, read_json
+from bridge.rundir import atomic_write_json, ensure_dir, fingerprint, keyed_rows, read_json
 from bridge.stages.common import require_file, stage_summary
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ def run(ctx: Any) -> dict[str, Any]:
         row: dict[str, Any] = {"kind": name.split("/")[0]}
         for mode in modes:
             path = predictions / f"{name.replace('/', '_')}.{mode}.jsonl"
+            keyed_rows(path, _prediction_key(ctx, name, mode))
             log.info("evaluating %s (%s) on %d test examples", name, mode, len(test))
             if mode == "generation":
                 rows = predict_generation(
@@ -127,6 +128,27 @@ def _teacher_row(ctx: Any) -> dict[str, Any]:
 def _fixed(accuracy: float, n: int) -> dict[str, Any]:
     return {"n": n, "correct": round(accuracy * n), "accuracy": accuracy, "ci_low": accuracy, "ci_high": accuracy,
             "unparsable": 0, "unparsable_rate": 0.0, "truncated": 0, "truncated_rate": 0.0}
+
+
+def _prediction_key(ctx: Any, name: str, mode: str) -> str:
+    """Return the key of one model's stored test predictions: the model's own key and the settings.
+
+    A student stage is named by the key its training stored; the TA after apprenticeship by the
+    train_ta fingerprint; the untuned TA by its reference. Rows written under another key are
+    discarded, so a retrained model never inherits the predictions of the one it replaced.
+    """
+    cfg = ctx.config
+    if name.startswith("student/"):
+        key_file = ctx.run.root / "train_student" / name.split("/", 1)[1] / "stage_key.json"
+        model = read_json(key_file).get("key") if key_file.exists() else ctx.fingerprints.get("train_student")
+    elif name == "ta/after":
+        model = ctx.fingerprints.get("train_ta")
+    else:
+        model = [cfg.models.ta.model_dump(mode="json"), cfg.models.ta_engine]
+    return fingerprint(
+        "eval", name, mode, model, cfg.evaluation.model_dump(mode="json"), cfg.prompts.model_dump(mode="json"),
+        cfg.data.model_dump(mode="json"),
+    )
 
 
 def _models_to_evaluate(ctx: Any) -> list[tuple[str, Callable[[], Any]]]:

@@ -14,7 +14,7 @@ from typing import Any
 
 from bridge.predict import accuracy_metric, as_local_model, predict_generation, summarise
 from bridge.prompts import format_target, render_messages, target_answer
-from bridge.rundir import fingerprint
+from bridge.rundir import fingerprint, keyed_rows
 from bridge.stages.common import by_id, teacher_rows
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,7 @@ def run(ctx: Any) -> dict[str, Any]:
         DEV_BEFORE_KIND, cfg.data.model_dump(mode="json"), cfg.prompts.model_dump(mode="json"),
         cfg.models.ta.model_dump(mode="json"), cfg.models.ta_engine, eval_cfg.max_new_tokens,
     )
+    keyed_rows(out / "dev_before.jsonl", before_key)
     reused_seconds = ctx.reuse(DEV_BEFORE_KIND, before_key)
     started = time.monotonic()
     before = predict_generation(
@@ -93,10 +94,11 @@ def run(ctx: Any) -> dict[str, Any]:
     refined = as_local_model(model, result.tokenizer)
     ctx.models.pop("ta", None)
     ctx.models["ta_refined"] = refined
+    after_key = fingerprint("ta_dev_after", before_key, ctx.fingerprints.get("train_ta"), eval_cfg.batch_size)
     after = predict_generation(
         refined, data.dev, data.task, cfg.prompts,
         max_new_tokens=eval_cfg.max_new_tokens, batch_size=eval_cfg.batch_size,
-        rows_path=out / "dev_after.jsonl",
+        rows_path=keyed_rows(out / "dev_after.jsonl", after_key),
     )
     after_scores = summarise(after, data.task)
     log.info("TA dev accuracy after apprenticeship: %.3f", after_scores.accuracy)
