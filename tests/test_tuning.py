@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from bridge.config import BridgeConfig
 from bridge.errors import ConfigError
@@ -16,6 +15,7 @@ from bridge.tuning import (
     _cell_summary,
     cell_config,
     cell_stages,
+    format_protocol,
     run_protocol,
 )
 from test_compare import tiny_config
@@ -52,7 +52,10 @@ def test_cell_config_keeps_stage_b_only_and_sets_the_grid_point():
     assert cell.name == "lam0-encoder-seed4"
     assert cell.output.runs_dir == str(Path("runs") / "sel-selection")
     assert cell.data == config.data
-    assert cell_config(config, Cell(1, 1.0, "ta_hidden"), 0, "rationales").student.stages[0].data == "rationales"
+    tutored = cell_config(config, Cell(1, 1.0, "ta_hidden"), 0, "rationales")
+    assert tutored.student.stages[0].data == "rationales"
+    # The two Stage B variants never share folders.
+    assert tutored.output.runs_dir == str(Path("runs") / "sel-selection-rationales")
     assert cell_stages("teacher_rationales") == ("select", "teach", "train_student")
     assert cell_stages("rationales") == ("select", "teach", "train_ta", "tutor", "train_student")
 
@@ -61,7 +64,7 @@ def _summary(
     lam: float, embedding: str, generation: list[float], scoring: list[float | None], ta: float = 0.5
 ) -> tuple[Cell, dict]:
     runs = [
-        {"seed": i, "dev_accuracy": g, "dev_scoring_accuracy": s, "ta_dev_accuracy": ta, "wall_seconds": 1.0}
+        {"seed": i, "dev_accuracy": g, "dev_scoring_accuracy": s, "ta_dev_accuracy": ta, "compute_seconds": 1.0}
         for i, (g, s) in enumerate(zip(generation, scoring, strict=True))
     ]
     cell = Cell(1, lam, embedding)
@@ -70,18 +73,54 @@ def _summary(
 
 def test_best_cell_uses_generation_then_scoring_then_configured_values():
     config = small_config()
-    assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.7], [0.1, 0.1]), _summary(1.0, "ta_hidden", [0.5, 0.6], [0.9, 0.9])]).lam == 0.0
+
+    def best(cells):
+        cell, decided = _best(config, cells)
+        return cell, decided
+
+    cell, decided = best([_summary(0.0, "ta_hidden", [0.5, 0.7], [0.1, 0.1]), _summary(1.0, "ta_hidden", [0.5, 0.6], [0.9, 0.9])])
+    assert (cell.lam, decided) == (0.0, "student dev accuracy by generation")
     # Equal generation accuracy: option scoring decides.
-    assert _best(config, [_summary(0.0, "ta_hidden", [0.5, 0.5], [0.4, 0.4]), _summary(1.0, "ta_hidden", [0.5, 0.5], [0.6, 0.6])]).lam == 1.0
+    cell, decided = best([_summary(0.0, "ta_hidden", [0.5, 0.5], [0.4, 0.4]), _summary(1.0, "ta_hidden", [0.5, 0.5], [0.6, 0.6])])
+    assert (cell.lam, decided) == (1.0, "student dev accuracy by option scoring")
     # Equal for the student: the TA after apprenticeship decides.
     pair = [_summary(0.0, "ta_hidden", [0.0, 0.0], [0.3, 0.3], ta=0.6), _summary(0.5, "ta_hidden", [0.0, 0.0], [0.3, 0.3], ta=0.4)]
-    assert _best(config, pair).lam == 0.0
+    assert best(pair) == (pair[0][0], "TA dev accuracy after apprenticeship")
     # Equal on all three: the lambda nearest the configured 0.5 wins.
     tied = [_summary(lam, "ta_hidden", [0.0, 0.0], [None, None]) for lam in (0.0, 0.5, 1.0)]
-    assert _best(config, tied).lam == 0.5
+    assert best(tied) == (tied[1][0], "nearness to the configured lambda")
+    # Equally near on both sides, in either order: the lower lambda.
+    for order in ((0.0, 1.0), (1.0, 0.0)):
+        cells = [_summary(lam, "ta_hidden", [0.0, 0.0], [None, None]) for lam in order]
+        assert best(cells)[0].lam == 0.0
+        assert best(cells)[1] == "the lower lambda"
+    # Float error in the distance does not decide: 0.1 and 0.3 are equally near 0.2.
+    near = small_config(selection={"lam": 0.2, "embedding": "ta_hidden"})
+    cells = [_summary(lam, "ta_hidden", [0.0, 0.0], [None, None]) for lam in (0.3, 0.1)]
+    assert _best(near, cells) == (cells[1][0], "the lower lambda")
     # Equal at the same lambda: the configured embedding wins.
     pair = [_summary(0.5, "encoder", [0.2, 0.2], [0.3, 0.3]), _summary(0.5, "ta_hidden", [0.2, 0.2], [0.3, 0.3])]
-    assert _best(config, pair).embedding == "ta_hidden"
+    assert best(pair) == (pair[1][0], "the configured embedding")
+    assert best(pair[:1]) == (pair[0][0], "the only cell")
+
+
+def test_table_flags_a_choice_made_by_a_tie_break():
+    cells = {label: summary for label, summary in (
+        ("lam0-ta_hidden", _summary(0.0, "ta_hidden", [0.1, 0.2], [0.3, 0.3])[1]),
+        ("lam0-encoder", _summary(0.0, "encoder", [0.0], [None])[1]),
+    )}
+    state = {
+        "dataset": "d", "name": "n", "student_data": "teacher_rationales", "difficulty": "auto", "seeds": [0, 1],
+        "cells": cells, "best_lambda_decided_by": "the only cell",
+        "choice": {"lam": 0.0, "embedding": "ta_hidden", "embedding_decided_by": "student dev accuracy by generation"},
+    }
+    table = format_protocol(state)
+    assert "| 1 | 0 | ta_hidden | 0.150 ± 0.071 | 0.300 | 0.500 | 0.100, 0.200 | 1 s, 1 s |" in table
+    # One seed has no spread to show.
+    assert "| 1 | 0 | encoder | 0.000 | n/a | 0.500 | 0.000 | 1 s |" in table
+    assert "tie-break" not in table
+    state["choice"]["embedding_decided_by"] = "the configured embedding"
+    assert "a tie-break decided" in format_protocol(state)
 
 
 def test_summary_reports_mean_and_spread():
@@ -96,8 +135,8 @@ def test_summary_reports_mean_and_spread():
     [
         ({"student_data": "labels"}, "not a Stage B data kind"),
         ({"seeds": 0}, "--seeds 0 is invalid"),
-        ({"lambdas": [0.5, 1.5]}, "must be values between 0 and 1"),
-        ({"lambdas": []}, "must be values between 0 and 1"),
+        ({"lambdas": [0.5, 1.5, -1]}, "--lambdas has -1, 1.5 outside 0 to 1"),
+        ({"lambdas": []}, "--lambdas is empty"),
     ],
 )
 def test_bad_protocol_arguments_are_clear_errors(kwargs, message, tmp_path):
@@ -107,12 +146,20 @@ def test_bad_protocol_arguments_are_clear_errors(kwargs, message, tmp_path):
     assert not (tmp_path / "sel-selection").exists()
 
 
-def test_cli_rejects_lambdas_that_are_not_numbers(tmp_path):
-    from bridge.cli import app
+def test_api_passes_an_empty_grid_through_to_the_check(tmp_path):
+    from bridge import api
 
-    result = CliRunner().invoke(app, ["tune-selection", "--lambdas", "0,half", "--set", f"output.runs_dir={tmp_path}"])
-    assert result.exit_code != 0
-    assert "comma-separated list of numbers" in result.output
+    with pytest.raises(ConfigError, match="--lambdas is empty"):
+        api.tune_selection(small_config(output={"runs_dir": str(tmp_path)}), lambdas=[])
+
+
+def test_cli_rejects_lambdas_that_are_not_numbers(tmp_path):
+    from test_bad_inputs import run_cli
+
+    result = run_cli("tune-selection", "--lambdas", "0,half", "--set", f"output.runs_dir={tmp_path}")
+    assert result.code == 2
+    assert "--lambdas '0,half' is not a comma-separated list of numbers" in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir, data_dir):
@@ -166,5 +213,8 @@ def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir
     table = (root / "protocol.md").read_text()
     assert "| 1 | 0 | ta_hidden |" in table
     assert "Choice: lambda" in table
+    assert "decided by" in table
+    assert all(r["compute_seconds"] > 0 for c in state["cells"].values() for r in c["runs"])
+    assert (root.parent / "tiny-selection").is_dir() and not (root.parent / "tiny-selection-rationales").exists()
     ledger = read_json(root / "protocol.json")
     assert ledger["choice"] == state["choice"]

@@ -92,7 +92,7 @@ def tune_selection(
     from bridge.tuning import run_protocol
 
     return run_protocol(
-        config, lambdas=lambdas or (0.0, 0.5, 1.0), seeds=seeds, student_data=student_data, yes=yes
+        config, lambdas=(0.0, 0.5, 1.0) if lambdas is None else lambdas, seeds=seeds, student_data=student_data, yes=yes
     )
 
 

@@ -177,10 +177,14 @@ def tune_selection(
     try:
         values = [float(value) for value in lambdas.split(",") if value.strip()]
     except ValueError:
-        raise typer.BadParameter(f"{lambdas!r} is not a comma-separated list of numbers, such as 0,0.5,1") from None
+        from bridge.errors import ConfigError
+
+        raise ConfigError(
+            f"--lambdas {lambdas!r} is not a comma-separated list of numbers", hint="such as --lambdas 0,0.5,1"
+        ) from None
     state = api.tune_selection(cfg, lambdas=values, seeds=seeds, student_data=student_data, yes=yes)
     typer.echo(format_protocol(state))
-    typer.echo(f"table: {selection_root(cfg) / TABLE_FILE}")
+    typer.echo(f"table: {selection_root(cfg, student_data) / TABLE_FILE}")
 
 
 def _stage_command(command: str, doc: str) -> None:
