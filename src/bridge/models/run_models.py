@@ -78,7 +78,9 @@ def load_refined_ta(run_dir: Path, config: BridgeConfig, base: LocalModel | None
 
     After full fine-tuning that is ``train_ta/model/``. After LoRA it is the TA base with
     ``train_ta/adapter/`` merged in memory; ``base``, when given, is that base already loaded,
-    and its weights are changed in place.
+    and its weights are changed in place. With ``base`` the model keeps the base's name, as the
+    TA that train-ta leaves in memory does, so rows written before and after a resume name the
+    same model; without it the name also gives the adapter folder.
     """
     from bridge.models.loading import load_model
 
@@ -91,12 +93,17 @@ def load_refined_ta(run_dir: Path, config: BridgeConfig, base: LocalModel | None
     adapter = run_dir / TA_ADAPTER_DIR
     if (adapter / "adapter_config.json").is_file():
         log.info("run %s: loading the TA base %s with the adapter %s", run_dir, config.models.ta.path, adapter)
-        return _merge_adapter(base if base is not None else load_model(config.models.ta), adapter)
+        if base is not None:
+            return _merge_adapter(base, adapter, describe=False)
+        return _merge_adapter(load_model(config.models.ta), adapter)
     return None
 
 
-def _merge_adapter(lm: LocalModel, adapter: Path) -> LocalModel:
-    """Apply the LoRA adapter in ``adapter`` to ``lm`` and merge it into the weights, in memory."""
+def _merge_adapter(lm: LocalModel, adapter: Path, *, describe: bool = True) -> LocalModel:
+    """Apply the LoRA adapter in ``adapter`` to ``lm`` and merge it into the weights, in memory.
+
+    ``describe`` adds the adapter folder to the model's name.
+    """
     from peft import PeftModel
 
     from bridge.models.loading import require_safetensors
@@ -111,5 +118,9 @@ def _merge_adapter(lm: LocalModel, adapter: Path) -> LocalModel:
         ) from None
     lm.model = adapted.merge_and_unload()
     lm.model.eval()
-    lm.name = f"{lm.name} + {adapter}"
+    if describe:
+        lm.name = f"{lm.name} + {adapter}"
+    else:
+        # The name train-ta's in-memory TA carries (see predict.as_local_model).
+        lm.name = getattr(lm.model, "name_or_path", None) or lm.name
     return lm
