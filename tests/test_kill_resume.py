@@ -99,6 +99,11 @@ def test_random_kills_resume_identically(tmp_path: Path, tiny_model_dir: Path):
         for target, most in MAX_KILLS.items():
             stage = target.split("/")[0]
             for _ in range(most):
+                # Once a curriculum stage's fine-tuning has finished, a kill planned inside it may not
+                # come again (its dev rows are stored), and a child that outlives it trains the next
+                # curriculum stage unkilled; so the chain moves on.
+                if "/" in target and (chained / target / "metrics.json").exists():
+                    break
                 spec = plan_kill(target, census, rng)
                 stored, billed = stored_responses(chained), len(server.bill)
                 result = pipeline.run(
