@@ -348,7 +348,7 @@ class BudgetConfig(Section):
 
 
 class SelectionConfig(Section):
-    """Phase 1: score the pool with the untuned TA and pick the subset. Defaults are unmeasured until the protocol in docs/results.md chooses them."""
+    """Phase 1: score the pool with the untuned TA and pick the subset. The protocol (bridge tune-selection) found no better defaults at small scale; see docs/results.md."""
 
     difficulty: Literal["auto", "option_entropy", "answer_entropy", "token_entropy", "gold_prob"] = Field(
         "auto",
