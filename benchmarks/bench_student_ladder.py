@@ -1,9 +1,10 @@
 """Measure how much language a student derived by layer selection keeps before any training.
 
-For each layer selection of the packaged SmolLM2-135M-Instruct (30 layers), the benchmark
-computes the mean negative log-likelihood per completion token of reference rationales
-(PubMedQA's long answers followed by the answer line, as the reference teacher writes them)
-for the first N training examples, with the rationale prompt the pipeline uses. The baseline is
+The benchmark keeps some of the 30 layers of the packaged SmolLM2-135M-Instruct, once per
+layer selection. For each one it computes the mean negative log-likelihood per completion
+token of reference rationales for the first N training examples. A reference rationale is a
+PubMedQA long answer followed by the answer line, as the reference teacher writes it, after
+the rationale prompt the pipeline uses. The baseline is
 the full 30-layer model, measured in the same run; each selection prints its NLL, its ratio to
 the baseline and its parameter count. A uniform guess over the vocabulary scores ln(49152),
 about 10.8 nats.

@@ -12,7 +12,7 @@ from test_compare import tiny_config
 MARKER = "STORED-BY-THE-EARLIER-MODEL"
 
 
-def test_keyed_rows_keeps_rows_of_the_same_key_only(tmp_path: Path):
+def test_keyed_rows_same_key_only(tmp_path: Path):
     rows = tmp_path / "predictions.jsonl"
     rows.write_text('{"id": "a"}\n', encoding="utf-8")
     # A file with no key beside it is treated as another key's.

@@ -150,7 +150,7 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def keyed_rows(path: Path, key: str) -> Path:
-    """Return ``path``, a resumable rows file, deleted first when it holds rows written for another key.
+    """Return ``path``, a resumable rows file, deleted first when its rows were written for another key.
 
     The key names what produced the rows (the model and the settings). It is stored beside the
     file as ``<name>.key``; a file with no key beside it counts as another key's. Call this before
@@ -160,7 +160,7 @@ def keyed_rows(path: Path, key: str) -> Path:
     stored = marker.read_text(encoding="utf-8").strip() if marker.exists() else None
     if stored != key:
         if path.exists():
-            log.info("discarding %s: it holds rows written for other inputs or settings", path)
+            log.info("deleting %s: its rows were written for another model or other settings", path)
             path.unlink()
         atomic_write_text(marker, key + "\n")
     return path

@@ -6,7 +6,7 @@ The protocol runs on one configuration (one data set) in two phases:
    configured difficulty and the TA hidden-state embedding.
 2. At the best lambda of phase 1, the sentence-encoder embedding.
 
-Every cell uses the facility selector, whatever ``selection.selector`` says. It runs each seed
+Every cell uses the facility selector and ignores ``selection.selector``. It runs each seed
 through ``select`` and ``teach``, then trains the student with one stage only (Stage B) and
 scores it by accuracy on the dev split. The facility selector is deterministic, so the seeds
 of a cell buy the same subset (unless the difficulty samples answers) and vary the training. It also fine-tunes the TA on
@@ -78,8 +78,8 @@ def cell_stages(student_data: str) -> tuple[str, ...]:
     return ("select", "teach", "train_student")
 
 
-#: The stages that give the TA's dev accuracy after apprenticeship; they run after the student's
-#: stages, so leaving train_ta out of those keeps the student's fingerprints unchanged.
+#: The stages that give the TA's dev accuracy after apprenticeship. They run after the student's
+#: stages. Leaving train_ta out of those keeps the student's fingerprints unchanged.
 TA_STAGES = ("select", "teach", "train_ta")
 
 

@@ -77,8 +77,8 @@ def load_refined_ta(run_dir: Path, config: BridgeConfig, base: LocalModel | None
     """Load the TA after apprenticeship from ``run_dir``, or return None when train-ta has not finished.
 
     After full fine-tuning that is ``train_ta/model/``. After LoRA it is the TA base with
-    ``train_ta/adapter/`` merged in memory; ``base``, when given, is that base already loaded,
-    and its weights are changed in place. With ``base`` the model keeps the base's name, as the
+    ``train_ta/adapter/`` merged in memory. ``base``, when given, is that base already loaded;
+    its weights change in place. With ``base`` the model keeps the base's name, as the
     TA that train-ta leaves in memory does, so rows written before and after a resume name the
     same model; without it the name also gives the adapter folder.
     """
