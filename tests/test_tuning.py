@@ -218,3 +218,19 @@ def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir
     assert (root.parent / "tiny-selection").is_dir() and not (root.parent / "tiny-selection-rationales").exists()
     ledger = read_json(root / "protocol.json")
     assert ledger["choice"] == state["choice"]
+
+
+def test_protocol_with_tutored_stage_b_runs_the_whole_method(tmp_path, tiny_model_dir, data_dir):
+    config = tiny_config(tiny_model_dir, tmp_path / "runs", data_dir)
+    state = run_protocol(config, lambdas=[0.5], seeds=1, student_data="rationales")
+    root = tmp_path / "runs" / "tiny-selection-rationales"
+    assert state["complete"] is True
+    assert state["best_lambda_decided_by"] == "the only cell"
+    assert list(state["cells"]) == ["lam0.5-ta_hidden", "lam0.5-encoder"]
+    for summary in state["cells"].values():
+        (run,) = summary["runs"]
+        student = read_json(root / run["run"] / "train_student" / "summary.json")
+        assert [s["data"] for s in student["stages"]] == ["rationales"]
+        assert (root / run["run"] / "tutor" / "rows.jsonl").is_file()
+        assert 0.0 <= run["dev_accuracy"] <= 1.0
+    assert not (tmp_path / "runs" / "tiny-selection").exists()
