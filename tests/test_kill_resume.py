@@ -181,7 +181,9 @@ def test_kills_after_billing_never_rebuy(tmp_path: Path, tiny_model_dir: Path):
 
     summary = json.loads((lossy / "teach" / "summary.json").read_text())
     print(f"\nbilled-but-unrecorded kills: {kills}; calls billed {len(lossy_bill)} of cap {summary['call_cap']}")
-    assert kills == LOSSY_KILLS
+    # With two requests in flight, a kill can also lose the other billed call, so the cap may be
+    # spent before the last planned kill point comes; the first two always come.
+    assert 2 <= kills <= LOSSY_KILLS
     assert bought_again == []
     assert len(lossy_bill) <= summary["call_cap"]
     assert sum(entry.cost_usd for entry in lossy_bill) <= 1.0
