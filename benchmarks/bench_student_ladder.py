@@ -4,10 +4,9 @@ The benchmark keeps some of the 30 layers of the packaged SmolLM2-135M-Instruct,
 layer selection. For each one it computes the mean negative log-likelihood per completion
 token of reference rationales for the first N training examples. A reference rationale is a
 PubMedQA long answer followed by the answer line, as the reference teacher writes it, after
-the rationale prompt the pipeline uses. The baseline is
-the full 30-layer model, measured in the same run; each selection prints its NLL, its ratio to
-the baseline and its parameter count. A uniform guess over the vocabulary scores ln(49152),
-about 10.8 nats.
+the rationale prompt the pipeline uses. The baseline is the full 30-layer model, measured in
+the same run. Each selection prints its NLL, its ratio to the baseline and its parameter count.
+A uniform guess over the vocabulary scores ln(49152), about 10.8 nats.
 
 Usage::
 

@@ -99,9 +99,9 @@ def test_random_kills_resume_identically(tmp_path: Path, tiny_model_dir: Path):
         for target, most in MAX_KILLS.items():
             stage = target.split("/")[0]
             for _ in range(most):
-                # Once a curriculum stage's fine-tuning has finished, a kill planned inside it may not
-                # come again (its dev rows are stored), and a child that outlives it trains the next
-                # curriculum stage unkilled; so the chain moves on.
+                # After a curriculum stage's fine-tuning has finished, a kill planned inside it may not
+                # fire again because its dev rows are stored. A child that outlives it would train the
+                # next curriculum stage unkilled, so the chain moves on.
                 if "/" in target and (chained / target / "metrics.json").exists():
                     break
                 spec = plan_kill(target, census, rng)
@@ -182,7 +182,7 @@ def test_kills_after_billing_never_rebuy(tmp_path: Path, tiny_model_dir: Path):
     summary = json.loads((lossy / "teach" / "summary.json").read_text())
     print(f"\nbilled-but-unrecorded kills: {kills}; calls billed {len(lossy_bill)} of cap {summary['call_cap']}")
     # With two requests in flight, a kill can also lose the other billed call, so the cap may be
-    # spent before the last planned kill point comes; the first two always come.
+    # spent before the last planned kill point. The first two kills fire because the cap has room.
     assert 2 <= kills <= LOSSY_KILLS
     assert bought_again == []
     assert len(lossy_bill) <= summary["call_cap"]

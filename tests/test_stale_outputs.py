@@ -55,7 +55,7 @@ def test_retrained_models_are_evaluated_again(tmp_path: Path, tiny_model_dir: Pa
     assert summaries["train_ta"].get("skipped") is not True
     assert summaries["eval"].get("skipped") is not True
 
-    # The retrained TA and student are evaluated afresh; the untuned TA's rows are still valid.
+    # The retrained TA and student are evaluated again. The untuned TA's rows are still valid.
     for path in (student, ta_after, dev_after):
         assert all(row["text"] != MARKER for row in read_rows(path)), path
     assert all(row["text"] == MARKER for row in read_rows(ta_before))

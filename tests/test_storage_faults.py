@@ -304,7 +304,7 @@ def test_unrelated_errors_pass_through(tmp_path: Path):
         raise FileNotFoundError(errno.ENOENT, "No such file or directory")
 
 
-def test_final_student_save_on_full_disk_is_named_and_leaves_no_staging(tmp_path: Path):
+def test_final_save_full_disk(tmp_path: Path):
     """A full disk while saving the final student names the folder and removes the half-written copy."""
     from bridge.curriculum import save_final_model
 

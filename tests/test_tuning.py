@@ -39,7 +39,7 @@ def small_config(**changes) -> BridgeConfig:
     return BridgeConfig.model_validate(raw)
 
 
-def test_cell_config_keeps_stage_b_only_and_sets_the_grid_point():
+def test_cell_config_stage_b_only():
     config = small_config()
     cell = cell_config(config, Cell(1, 0.0, "encoder"), 1, "teacher_rationales")
     assert cell.selection.selector == "facility"
@@ -71,7 +71,7 @@ def _summary(
     return cell, _cell_summary(cell, runs)
 
 
-def test_best_cell_uses_generation_then_scoring_then_configured_values():
+def test_best_cell_tie_break_order():
     config = small_config()
 
     def best(cells):
@@ -104,7 +104,7 @@ def test_best_cell_uses_generation_then_scoring_then_configured_values():
     assert best(pair[:1]) == (pair[0][0], "the only cell")
 
 
-def test_table_flags_a_choice_made_by_a_tie_break():
+def test_table_flags_tie_break_choice():
     cells = {label: summary for label, summary in (
         ("lam0-ta_hidden", _summary(0.0, "ta_hidden", [0.1, 0.2], [0.3, 0.3])[1]),
         ("lam0-encoder", _summary(0.0, "encoder", [0.0], [None])[1]),
@@ -139,14 +139,14 @@ def test_summary_reports_mean_and_spread():
         ({"lambdas": []}, "--lambdas is empty"),
     ],
 )
-def test_bad_protocol_arguments_are_clear_errors(kwargs, message, tmp_path):
+def test_protocol_bad_arguments(kwargs, message, tmp_path):
     config = small_config(output={"runs_dir": str(tmp_path)})
     with pytest.raises(ConfigError, match=message):
         run_protocol(config, **kwargs)
     assert not (tmp_path / "sel-selection").exists()
 
 
-def test_api_passes_an_empty_grid_through_to_the_check(tmp_path):
+def test_api_rejects_empty_grid(tmp_path):
     from bridge import api
 
     with pytest.raises(ConfigError, match="--lambdas is empty"):
@@ -162,7 +162,7 @@ def test_cli_rejects_lambdas_that_are_not_numbers(tmp_path):
     assert "Traceback" not in result.stderr
 
 
-def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir, data_dir):
+def test_protocol_resumes_and_shares_scoring(tmp_path, tiny_model_dir, data_dir):
     import bridge.pipeline as pipeline
 
     config = tiny_config(tiny_model_dir, tmp_path / "runs", data_dir)
@@ -215,12 +215,13 @@ def test_protocol_end_to_end_resumes_and_shares_scoring(tmp_path, tiny_model_dir
     assert "Choice: lambda" in table
     assert "decided by" in table
     assert all(r["compute_seconds"] > 0 for c in state["cells"].values() for r in c["runs"])
-    assert (root.parent / "tiny-selection").is_dir() and not (root.parent / "tiny-selection-rationales").exists()
+    assert (root.parent / "tiny-selection").is_dir()
+    assert not (root.parent / "tiny-selection-rationales").exists()
     ledger = read_json(root / "protocol.json")
     assert ledger["choice"] == state["choice"]
 
 
-def test_protocol_with_tutored_stage_b_runs_the_whole_method(tmp_path, tiny_model_dir, data_dir):
+def test_protocol_tutored_stage_b(tmp_path, tiny_model_dir, data_dir):
     config = tiny_config(tiny_model_dir, tmp_path / "runs", data_dir)
     state = run_protocol(config, lambdas=[0.5], seeds=1, student_data="rationales")
     root = tmp_path / "runs" / "tiny-selection-rationales"

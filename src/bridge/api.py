@@ -86,14 +86,14 @@ def tune_selection(
 ) -> dict[str, Any]:
     """Run the selection protocol into ``<output.runs_dir>/<name>-selection`` and return its result.
 
-    Phase 1 tries each lambda with the TA hidden-state embedding, phase 2 the sentence-encoder
-    embedding at the best lambda; :mod:`bridge.tuning` describes the scoring. Rerunning resumes.
+    Phase 1 tries each lambda (0, 0.5 and 1 when ``lambdas`` is None) with the TA hidden-state
+    embedding. Phase 2 tries the sentence-encoder embedding at the best lambda. :mod:`bridge.tuning`
+    describes the scoring. Rerunning resumes.
     """
-    from bridge.tuning import run_protocol
+    from bridge.tuning import DEFAULT_LAMBDAS, run_protocol
 
-    return run_protocol(
-        config, lambdas=(0.0, 0.5, 1.0) if lambdas is None else lambdas, seeds=seeds, student_data=student_data, yes=yes
-    )
+    grid = DEFAULT_LAMBDAS if lambdas is None else lambdas
+    return run_protocol(config, lambdas=grid, seeds=seeds, student_data=student_data, yes=yes)
 
 
 # --------------------------------------------------------------------------------------------

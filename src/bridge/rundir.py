@@ -153,8 +153,8 @@ def keyed_rows(path: Path, key: str) -> Path:
     """Return ``path``, a resumable rows file, deleted first when its rows were written for another key.
 
     The key names what produced the rows (the model and the settings). It is stored beside the
-    file as ``<name>.key``; a file with no key beside it counts as another key's. Call this before
-    writing or restoring the rows, so rows of a changed model are never reused.
+    file as ``<name>.key``, and a file with no key beside it counts as another key's. Call this
+    before writing or restoring the rows, so rows of a changed model are never reused.
     """
     marker = path.with_name(path.name + ".key")
     stored = marker.read_text(encoding="utf-8").strip() if marker.exists() else None

@@ -8,22 +8,25 @@ The protocol runs on one configuration (one data set) in two phases:
 
 Every cell uses the facility selector and ignores ``selection.selector``. It runs each seed
 through ``select`` and ``teach``, then trains the student with one stage only (Stage B) and
-scores it by accuracy on the dev split. The facility selector is deterministic, so the seeds
-of a cell buy the same subset (unless the difficulty samples answers) and vary the training. It also fine-tunes the TA on
-the purchases (``train_ta``) and records the TA's dev accuracy after apprenticeship, the first
-place where the subset shapes the method. Stage B learns from
-``teacher_rationales`` (the bought rationales of the selected subset: the cheaper run, and the
-one closest to the subset itself) or from ``rationales`` (after TA apprenticeship and tutoring,
-the method as it runs). A cell's score is its student's mean dev accuracy by generation over
-the seeds; ties are broken by the student's option scoring, then by the TA's dev accuracy after
-apprenticeship, then by nearness to the configured lambda, then by the configured embedding,
-and last by the lower lambda. The result names the criterion that decided, so a choice made
-by a tie-break is visible as one.
+scores it by accuracy on the dev split. The facility selector is deterministic, so the seeds of
+a cell buy the same subset and differ only in training. The exception is a difficulty score that
+samples generations, such as ``answer_entropy``, whose samples depend on the seed. Each cell
+also fine-tunes the TA on the purchases (``train_ta``) and records the TA's dev accuracy after
+apprenticeship, the first place where the subset shapes the method.
+
+Stage B learns from ``teacher_rationales`` (the bought rationales of the selected subset: the
+cheaper run, and the one closest to the subset itself) or from ``rationales`` (after TA
+apprenticeship and tutoring, the method as it runs). A cell's score is its student's mean dev
+accuracy by generation over the seeds. Ties are broken by the student's option scoring, then by
+the TA's dev accuracy after apprenticeship, then by nearness to the configured lambda, then by
+the configured embedding, and last by the lower lambda. The result names the criterion that
+decided, so a choice made by a tie-break is visible as one.
 
 All cells write into ``<output.runs_dir>/<name>-selection`` (``<name>-selection-rationales``
 for the ``rationales`` variant). They share one ledger, capped like a comparison's
-(``compare.max_calls`` and ``compare.max_cost_usd``), so a prompt two cells buy is paid once, and they copy the untuned TA's pool scores from the first cell that
-computed them. Rerunning the same command skips every finished stage.
+(``compare.max_calls`` and ``compare.max_cost_usd``), so a prompt that two cells buy is paid
+once. They copy the untuned TA's pool scores from the first cell that computed them. Rerunning
+the same command skips every finished stage.
 """
 
 from __future__ import annotations
@@ -51,6 +54,8 @@ log = logging.getLogger(__name__)
 PROTOCOL_FILE = "protocol.json"
 TABLE_FILE = "protocol.md"
 STAGE_B_DATA = ("teacher_rationales", "rationales")
+#: Lambda values of phase 1 when the caller gives none.
+DEFAULT_LAMBDAS = (0.0, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -102,7 +107,7 @@ def cell_config(config: BridgeConfig, cell: Cell, seed_index: int, student_data:
 def run_protocol(
     config: BridgeConfig,
     *,
-    lambdas: Sequence[float] = (0.0, 0.5, 1.0),
+    lambdas: Sequence[float] = DEFAULT_LAMBDAS,
     seeds: int = 2,
     student_data: str = "teacher_rationales",
     yes: bool = False,

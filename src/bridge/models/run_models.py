@@ -78,9 +78,9 @@ def load_refined_ta(run_dir: Path, config: BridgeConfig, base: LocalModel | None
 
     After full fine-tuning that is ``train_ta/model/``. After LoRA it is the TA base with
     ``train_ta/adapter/`` merged in memory. ``base``, when given, is that base already loaded;
-    its weights change in place. With ``base`` the model keeps the base's name, as the
-    TA that train-ta leaves in memory does, so rows written before and after a resume name the
-    same model; without it the name also gives the adapter folder.
+    its weights change in place. With ``base`` the model keeps the name that train-ta's TA has
+    in memory, so rows written before and after a resume name the same model. Without ``base``
+    the name also gives the adapter folder.
     """
     from bridge.models.loading import load_model
 
@@ -121,6 +121,6 @@ def _merge_adapter(lm: LocalModel, adapter: Path, *, describe: bool = True) -> L
     if describe:
         lm.name = f"{lm.name} + {adapter}"
     else:
-        # The name train-ta's in-memory TA carries (see predict.as_local_model).
+        # predict.as_local_model gives train-ta's TA in memory this same name.
         lm.name = getattr(lm.model, "name_or_path", None) or lm.name
     return lm

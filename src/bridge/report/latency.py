@@ -39,7 +39,7 @@ def peak_rss_mib() -> float:
 
     Linux's ``VmHWM`` belongs to the current address space, which exec replaces. ``ru_maxrss``
     is not reset by exec, so in a child started from a large process it reports the parent's
-    memory at the fork; it is the fallback where ``/proc`` is missing.
+    memory at the fork. It is only the fallback where ``/proc`` is missing.
     """
     try:
         for line in Path("/proc/self/status").read_text(encoding="ascii").splitlines():

@@ -133,8 +133,8 @@ def _fixed(accuracy: float, n: int) -> dict[str, Any]:
 def _prediction_key(ctx: Any, name: str, mode: str) -> str:
     """Return the key of one model's stored test predictions: the model's own key and the settings.
 
-    A student stage is named by the key its training stored; the TA after apprenticeship by the
-    train_ta fingerprint; the untuned TA by its reference. Rows written under another key are
+    A student stage is named by the key its training stored, the TA after apprenticeship by the
+    train_ta fingerprint, and the untuned TA by its reference. Rows written under another key are
     discarded, so a retrained model never inherits the predictions of the one it replaced.
     """
     cfg = ctx.config
